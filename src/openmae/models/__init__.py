@@ -1,0 +1,27 @@
+"""Model code: layers, position embeddings, masking, the ViT encoder, the MAE and named sizes."""
+
+from openmae.models.mae import MAEConfig, MAEOutput, MaskedAutoencoder, is_encoder_key
+from openmae.models.masking import Masking, random_masking, sample_masking
+from openmae.models.patches import patchify, unpatchify
+from openmae.models.pos_embed import resize_pos_embed, sincos_2d
+from openmae.models.registry import create_model, list_models, model_config
+from openmae.models.vit import ViTConfig, VisionTransformer
+
+__all__ = [
+    "MAEConfig",
+    "MAEOutput",
+    "Masking",
+    "MaskedAutoencoder",
+    "ViTConfig",
+    "VisionTransformer",
+    "create_model",
+    "is_encoder_key",
+    "list_models",
+    "model_config",
+    "patchify",
+    "random_masking",
+    "resize_pos_embed",
+    "sample_masking",
+    "sincos_2d",
+    "unpatchify",
+]
