@@ -1,5 +1,6 @@
 """openmae: masked autoencoders for self-supervised pretraining of vision transformers."""
 
+from openmae.interop import export_hf, export_timm, load_checkpoint, save_checkpoint
 from openmae.models import (
     MAEConfig,
     MAEOutput,
@@ -20,5 +21,9 @@ __all__ = [
     "VisionTransformer",
     "__version__",
     "create_model",
+    "export_hf",
+    "export_timm",
     "list_models",
+    "load_checkpoint",
+    "save_checkpoint",
 ]

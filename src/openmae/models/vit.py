@@ -148,6 +148,20 @@ class VisionTransformer(nn.Module):
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(imgs))
 
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Tokens excluded from weight decay (read by timm's optimizer factory)."""
+        names = {"cls_token", "pos_embed", "mask_token", "encoder_mask_token", "decoder_pos_embed"}
+        return {name for name, _ in self.named_parameters() if name in names}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Layer groups for layer-wise lr decay, in timm's format: embeddings, blocks, final norm."""
+        return {
+            "stem": r"^cls_token|^pos_embed|^patch_embed|^encoder_mask_token",
+            "blocks": [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in the backward pass instead of storing its activations."""
         self.grad_checkpointing = enable

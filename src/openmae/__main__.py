@@ -1,0 +1,7 @@
+"""`python -m openmae ...` (and `torchrun -m openmae pretrain ...`) runs the `mae` command."""
+
+import sys
+
+from openmae.cli import main
+
+sys.exit(main())

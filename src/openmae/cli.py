@@ -1,0 +1,138 @@
+"""The `mae` command: `mae pretrain | demo | visualize | stats | models | bench ...`.
+
+Training commands take their whole configuration from a dataclass: `--config FILE` (a path or a
+shipped config's name), then `--key value` options, then `key=value` overrides. Bad input gives a
+one-line error and exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from openmae.configs import list_shipped_configs, shipped_config
+from openmae.errors import UsageError
+
+# name -> (help, function taking argv and returning an exit code)
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
+
+
+def command(name: str, help: str):
+    def register(fn: Callable[[list[str]], int]):
+        COMMANDS[name] = (help, fn)
+        return fn
+
+    return register
+
+
+def _parser(name: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog=f"mae {name}", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+
+
+@command("pretrain", "pretrain a masked autoencoder (also under torchrun)")
+def pretrain_command(argv: list[str]) -> int:
+    from openmae.config import parse_config_cli
+    from openmae.recipes.pretrain import PretrainConfig, pretrain
+
+    parser = _parser("pretrain", f"MAE pretraining. Shipped configs: {', '.join(list_shipped_configs())}.")
+    cfg = parse_config_cli(PretrainConfig, argv, parser=parser, find_config=shipped_config)
+    result = pretrain(cfg)
+    print(f"weights: {result.weights}")
+    return 0
+
+
+@command("demo", "pretrain a small MAE on Fashion-MNIST on the CPU (~10 min) and score it")
+def demo_command(argv: list[str]) -> int:
+    from openmae.recipes.demo import demo
+
+    parser = _parser("demo", "Fashion-MNIST demo; overrides as key=value change the shipped demo.yaml.")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="changes to the demo config")
+    parser.add_argument("--test-images", type=int, default=2000, help="held-out test images to score")
+    args = parser.parse_args(argv)
+    demo(args.overrides, test_images=args.test_images)
+    return 0
+
+
+@command("visualize", "write Figure-2 style reconstruction grids (original | masked | reconstruction | pasted)")
+def visualize_command(argv: list[str]) -> int:
+    from openmae.recipes.visualize import visualize
+
+    parser = _parser("visualize", "Reconstruct images with a pretrained MAE and write a PNG grid.")
+    parser.add_argument("images", nargs="*", help="image files or folders (default: dataset test images)")
+    parser.add_argument("--checkpoint", required=True, help="MAE weights (openmae, reference .pth, HF)")
+    parser.add_argument("--out", default="reconstructions.png", help="PNG file to write")
+    parser.add_argument("--mask-ratio", type=float, default=0.75, help="share of patches hidden")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    parser.add_argument("--num-images", type=int, default=8, help="rows (images) in the grid")
+    parser.add_argument("--dataset", default=None, help="fashion_mnist | synthetic, when no images are given")
+    parser.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: dataset's)")
+    parser.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (default: dataset's)")
+    args = parser.parse_args(argv)
+    path = visualize(
+        args.checkpoint, args.images, args.out, args.mask_ratio, args.seed, args.num_images, args.dataset,
+        args.mean, args.std,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+@command("stats", "compute the per-channel mean and std of a dataset (for data.mean / data.std)")
+def stats_command(argv: list[str]) -> int:
+    from openmae.config import parse_config_cli
+    from openmae.data import DataConfig, build_dataset, compute_mean_std
+
+    parser = _parser("stats", "Per-channel mean/std of a dataset's training images, in [0, 1] units.")
+    parser.add_argument("--max-images", type=int, default=None, help="stop after this many images")
+    cfg = parse_config_cli(DataConfig, argv, parser=parser)
+    namespace, _ = parser.parse_known_args(argv)
+    in_chans = cfg.channels if isinstance(cfg.channels, int) else {"gray": 1, "rgb": 3}.get(cfg.channels, 3)
+    if cfg.dataset == "fashion_mnist":
+        in_chans = 1
+    dataset = build_dataset(cfg, "train", 224, in_chans, raw=True)
+    mean, std = compute_mean_std(dataset, num_workers=cfg.resolved_num_workers(), max_images=namespace.max_images)
+    print("data.mean=[" + ", ".join(f"{m:.4f}" for m in mean) + "] data.std=[" + ", ".join(f"{s:.4f}" for s in std) + "]")
+    return 0
+
+
+@command("models", "list the named model sizes")
+def models_command(argv: list[str]) -> int:
+    from openmae.models import list_models, model_config
+
+    _parser("models", "Named model sizes for `model=` and openmae.create_model().").parse_args(argv)
+    for name in list_models():
+        c = model_config(name)
+        print(f"{name:26s} img {c.img_size[0]}x{c.img_size[1]} patch {c.patch_size} in {c.in_chans}  "
+              f"enc {c.embed_dim}x{c.depth} ({c.num_heads}h)  dec {c.decoder_embed_dim}x{c.decoder_depth} "
+              f"({c.decoder_num_heads}h)")
+    return 0
+
+
+@command("bench", "time pretraining steps against HuggingFace ViTMAE and the mask-tokens baseline")
+def bench_command(argv: list[str]) -> int:
+    from openmae import bench
+
+    return bench.main(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(prog="mae", description="Masked autoencoders for vision transformers.")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, _) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        top.parse_args(argv[:1] or ["--help"])
+        return 0
+    name, rest = argv[0], argv[1:]
+    try:
+        return COMMANDS[name][1](rest)
+    except UsageError as error:
+        print(f"mae {name}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

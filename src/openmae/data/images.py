@@ -1,0 +1,167 @@
+"""Reading one image file into a float tensor `[C, H, W]` in [0, 1], at a chosen channel count.
+
+PIL decodes the common formats; TIFFs go through `tifffile` when it is installed (it comes with
+scikit-image) because PIL cannot read TIFFs with more than 4 bands (satellite, microscopy).
+Integer pixels are scaled by their type's maximum (so 16-bit images use their full range);
+float pixels are kept as stored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+Channels = Literal["keep", "rgb", "gray"] | int
+
+# ITU-R 601-2 luma, the weights PIL uses for convert("L").
+_LUMA = torch.tensor([0.299, 0.587, 0.114])
+
+# PIL modes that are not a plain stack of channels, and the mode to decode them into.
+_PIL_CONVERT = {
+    "1": "L",
+    "P": "RGB",
+    "PA": "RGBA",
+    "LA": "LA",
+    "La": "LA",
+    "RGBa": "RGBA",
+    "RGBX": "RGB",
+    "CMYK": "RGB",
+    "YCbCr": "RGB",
+    "LAB": "RGB",
+    "HSV": "RGB",
+}
+
+
+class UnreadableImageError(OSError):
+    """A file that should be an image could not be decoded (truncated, empty, not an image...)."""
+
+
+def is_image_file(path: str | Path) -> bool:
+    """True for a supported extension (case-insensitive) on a name that is not hidden."""
+    name = Path(path).name
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def read_image(path: str | Path, channels: Channels = "keep") -> torch.Tensor:
+    """Decode an image file to float32 `[C, H, W]` in [0, 1] with `channels` applied.
+
+    Raises:
+        UnreadableImageError: the file cannot be decoded.
+        ValueError: the image's channels cannot be converted as `channels` asks.
+    """
+    image = decode_image(path)
+    try:
+        return convert_channels(image, channels)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+
+
+def decode_image(path: str | Path) -> torch.Tensor:
+    """Decode an image file to float32 `[C, H, W]` with its stored channels, scaled to [0, 1]."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            array = _read_tiff(path)  # [H, W, C]
+        else:
+            array = _read_pil(path)  # [H, W, C]
+    except MemoryError:
+        raise
+    except Exception as error:
+        # Decoders raise many types on damaged files (OSError, ValueError, SyntaxError, EOFError...).
+        raise UnreadableImageError(f"cannot read image {path}: {error}") from error
+    return torch.from_numpy(_to_unit_float(array)).permute(2, 0, 1).contiguous()  # [C, H, W]
+
+
+def convert_channels(image: torch.Tensor, channels: Channels) -> torch.Tensor:
+    """Convert `[C, H, W]` to the channels asked for.
+
+    `"keep"` leaves the image alone; `"rgb"` repeats gray and drops alpha; `"gray"` takes the luma of
+    colour images and the mean of other multi-band images; an int `n` demands `n` channels,
+    converting only between gray (1) and RGB (3), and otherwise requires the image to have `n`.
+    """
+    if not (channels in ("keep", "rgb", "gray") or (type(channels) is int and channels > 0)):
+        raise ValueError(f"channels must be 'keep', 'rgb', 'gray' or a positive int, got {channels!r}")
+    C = image.shape[0]
+    if channels == "keep":
+        return image
+    if channels == "rgb" or channels == 3:
+        if C in (1, 2):  # gray (+ alpha)
+            return image[:1].expand(3, -1, -1).contiguous()
+        if C in (3, 4):  # RGB (+ alpha)
+            return image[:3]
+        raise ValueError(f"cannot convert a {C}-channel image to RGB; use channels='keep' or {C}")
+    if channels == "gray" or channels == 1:
+        if C in (1, 2):
+            return image[:1]
+        if C in (3, 4):
+            return torch.einsum("c,chw->hw", _LUMA, image[:3])[None]  # [1, H, W]
+        return image.mean(0, keepdim=True)  # multi-band: no standard luma, the band average
+    if C != channels:
+        raise ValueError(f"image has {C} channels, {channels} were asked for")
+    return image
+
+
+def _read_pil(path: Path) -> np.ndarray:
+    """`[H, W, C]` array from PIL (uint8, uint16, int32 or float32)."""
+    with Image.open(path) as img:
+        img.load()  # Image.open is lazy; a truncated file only fails here
+        mode = _PIL_CONVERT.get(img.mode)
+        if img.mode == "P" and "transparency" in img.info:
+            mode = "RGBA"
+        if mode is not None:
+            img = img.convert(mode)
+        array = np.asarray(img)
+        if img.mode == "I":
+            # 32-bit integer mode is how PIL hands over 16-bit grayscale from several formats.
+            array = array.astype(np.uint16) if array.min() >= 0 and array.max() < 2**16 else array
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    """`[H, W, C]` array from tifffile (any band count), or from PIL when tifffile is missing or fails."""
+    try:
+        import tifffile
+    except ImportError:
+        return _read_pil(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            array, axes = series.asarray(), series.axes
+    except ValueError as error:
+        # A compression that needs the optional `imagecodecs` package: PIL may still decode it.
+        # (No fallback otherwise: PIL would read, e.g., only the first band of a damaged file.)
+        if "imagecodecs" not in str(error):
+            raise
+        return _read_pil(path)
+    return _tiff_to_hwc(array, axes)
+
+
+def _tiff_to_hwc(array: np.ndarray, axes: str) -> np.ndarray:
+    """Move the rows (Y) and columns (X) first and whatever single axis is left (bands) last."""
+    if "Y" not in axes or "X" not in axes:
+        raise ValueError(f"TIFF without image rows/columns (axes {axes!r})")
+    # Drop length-1 axes other than Y/X, e.g. a single page or time point.
+    keep = [i for i, a in enumerate(axes) if a in "YX" or array.shape[i] > 1]
+    array = array.reshape([array.shape[i] for i in keep])
+    axes = "".join(axes[i] for i in keep)
+    if len(axes) == 2:
+        return array[:, :, None] if axes == "YX" else array.T[:, :, None]
+    if len(axes) != 3:
+        raise ValueError(f"TIFF has {len(axes) - 2} non-spatial axes ({axes!r}); one band axis is supported")
+    band = next(i for i, a in enumerate(axes) if a not in "YX")
+    return np.moveaxis(array, (axes.index("Y"), axes.index("X"), band), (0, 1, 2))
+
+
+def _to_unit_float(array: np.ndarray) -> np.ndarray:
+    """Float32 copy in [0, 1] for integer types (divided by the type's maximum); floats unchanged."""
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
+    return array.astype(np.float32)  # also makes a writable, native-byte-order copy for torch

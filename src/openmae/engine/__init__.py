@@ -1,0 +1,1 @@
+"""Training engine: one loop, tasks, optimizer, schedule, checkpoints, evaluation."""

@@ -1,0 +1,111 @@
+"""Run checkpoints: weights as safetensors plus the training state, both written atomically.
+
+A checkpoint `checkpoint-<step>` is two files in the run's folder:
+- `checkpoint-<step>.safetensors`: the model (decoder included), with config and extras in the
+  metadata — loadable on its own by `openmae.load_checkpoint`;
+- `checkpoint-<step>.state.pt`: optimizer, grad scaler, progress and RNG states, plain tensors and
+  numbers only, read back with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from openmae.interop import load_checkpoint, save_checkpoint
+
+_NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
+
+
+def checkpoint_paths(out_dir: str | Path, step: int) -> tuple[Path, Path]:
+    stem = Path(out_dir) / f"checkpoint-{step:08d}"
+    return stem.with_suffix(".safetensors"), stem.with_suffix(".state.pt")
+
+
+def state_path_for(weights: str | Path) -> Path:
+    return Path(str(weights).removesuffix(".safetensors") + ".state.pt")
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (weights and state both present), oldest first."""
+    folder = Path(out_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found) if state_path_for(p).exists()]
+
+
+def resolve_resume(resume: str | None, out_dir: str | Path) -> Path | None:
+    """`None` -> no resume; `auto` -> the newest checkpoint in `out_dir` (or none); else a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(out_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if path.is_dir():
+        found = list_checkpoints(path)
+        if not found:
+            raise FileNotFoundError(f"no checkpoint to resume from in {path}")
+        return found[-1]
+    if not path.exists():
+        raise FileNotFoundError(f"resume checkpoint not found: {path}")
+    return path
+
+
+def rng_state() -> dict:
+    """Torch, CUDA, NumPy and Python RNG states as tensors and numbers (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "python": list(random.getstate()[1]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_run_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    training_state: dict,
+    metadata: dict[str, str],
+    keep_last: int | None = None,
+) -> Path:
+    """Write weights and training state for `step`; then drop all but the newest `keep_last`."""
+    weights, state = checkpoint_paths(out_dir, step)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, weights, metadata={**metadata, "step": str(step)})
+    tmp = state.with_name(state.name + ".tmp")
+    torch.save({**training_state, "rng": rng_state()}, tmp)
+    os.replace(tmp, state)
+    if keep_last:
+        for old in list_checkpoints(out_dir)[:-keep_last]:
+            old.unlink(missing_ok=True)
+            state_path_for(old).unlink(missing_ok=True)
+    return weights
+
+
+def load_run_checkpoint(weights: str | Path, model: nn.Module) -> dict:
+    """Load weights into `model` and return the training state (RNG states already restored)."""
+    load_checkpoint(weights, model=model)
+    state = torch.load(state_path_for(weights), map_location="cpu", weights_only=True)
+    set_rng_state(state.pop("rng"))
+    return state

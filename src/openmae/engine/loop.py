@@ -1,0 +1,326 @@
+"""The one training loop: pretraining, linear probing and fine-tuning all run through `Trainer`.
+
+What differs between them is the `task` (a callable that turns a batch into a loss), the model, the
+optimizer and the hooks; the loop owns everything else: resumable data order, gradient
+accumulation, mixed precision, clipping, non-finite guards, the lr schedule, logging, checkpoints,
+and DDP (`no_sync` on non-final micro-steps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from openmae.distributed import DistInfo, all_reduce_sum
+from openmae.engine.checkpoint import load_run_checkpoint, save_run_checkpoint
+from openmae.engine.optim import set_lr
+from openmae.engine.sampler import SeededDataset, SeededSampler, collate_seeded
+from openmae.engine.schedule import warmup_cosine_lr
+from openmae.logging import RunLogger
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class TrainConfig:
+    """What the loop needs; the recipes' configs extend it, so these keys sit at the top level."""
+
+    epochs: int = field(default=800, metadata={"help": "training epochs (the schedule spans them)"})
+    batch_size: int = field(default=64, metadata={"help": "images per device per micro-step"})
+    accum_iter: int = field(default=1, metadata={"help": "micro-steps accumulated per optimizer step"})
+    precision: Precision = field(default="fp32", metadata={"help": "fp32 | bf16 (autocast) | fp16 (GPU, scaler)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, augmentation, masking and init"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop (with a checkpoint) after this many steps"})
+    log_every: int = field(default=20, metadata={"help": "optimizer steps between log lines"})
+    save_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
+    keep_last: int = field(default=2, metadata={"help": "checkpoints kept in the output folder"})
+    max_nonfinite: int = field(default=5, metadata={"help": "non-finite losses in a row that stop the run"})
+    output_dir: str = field(default="runs/run", metadata={"help": "folder for checkpoints, logs and config"})
+    resume: str | None = field(default=None, metadata={"help": "checkpoint path, or 'auto' for the newest"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (measured, optional)"})
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.accum_iter < 1:
+            raise ValueError("epochs, batch_size and accum_iter must be at least 1")
+
+
+class Task(Protocol):
+    """Turns a batch `(images, labels, seeds)` into a scalar loss and extra metrics (tensors)."""
+
+    def __call__(self, model: nn.Module, batch: tuple, device: torch.device) -> tuple[torch.Tensor, dict]: ...
+
+
+@dataclass
+class Progress:
+    """Where the run is; counted in images so it survives a change of world or batch size."""
+
+    epoch: int = 0
+    images_in_epoch: int = 0
+    step: int = 0
+    images_seen: int = 0
+
+
+@dataclass
+class Schedule:
+    peak_lr: float
+    min_lr: float
+    warmup_epochs: float
+    clip_grad: float | None = None
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class Trainer:
+    """Runs `task` over `dataset` for `cfg.epochs`, stepping `optimizer` on `model`.
+
+    Args:
+        model: the single-device model (wrapped in DDP here when the run is distributed).
+        task: the loss of a batch.
+        dataset: items `(image, label)` or None (unreadable); wrapped for a replayable order.
+        optimizer: built over `model`'s parameters.
+        schedule: peak/min lr, warm-up and clipping.
+        cfg: the loop's part of the run config.
+        dist: rank, world size and device.
+        logger: metrics sink (rank 0 writes).
+        num_workers: data-loading processes.
+        metadata: strings stored with every checkpoint's weights (config, target...).
+        on_epoch_end: called with the epoch index; returns extra metrics to log (evaluation...).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        dataset: Dataset,
+        optimizer: torch.optim.Optimizer,
+        schedule: Schedule,
+        cfg: TrainConfig,
+        dist: DistInfo,
+        logger: RunLogger,
+        num_workers: int = 0,
+        metadata: dict[str, str] | None = None,
+        on_epoch_end: Callable[[int], dict] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.device = dist.device
+        self.task = task
+        self.optimizer = optimizer
+        self.schedule = schedule
+        self.logger = logger
+        self.metadata = metadata or {}
+        self.on_epoch_end = on_epoch_end
+        self.model = model  # the plain module: checkpoints, evaluation
+        self.train_model = self._wrap(model)
+        self.global_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
+        self.sampler = SeededSampler(
+            len(dataset), self.global_batch, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size
+        )
+        if self.sampler.epoch_length == 0:
+            raise ValueError(f"the dataset ({len(dataset)} images) is smaller than one global batch ({self.global_batch})")
+        self.loader = DataLoader(
+            SeededDataset(dataset),
+            batch_size=cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=num_workers,
+            collate_fn=collate_seeded,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=num_workers > 0,
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.progress = Progress()
+        self.nonfinite_in_a_row = 0
+
+    # ----------------------------------------------------------------------------------------
+
+    def _wrap(self, model: nn.Module) -> nn.Module:
+        if self.cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("precision fp16 needs a CUDA GPU (it uses a grad scaler); use bf16 on CPU")
+        if self.cfg.compile:
+            model = torch.compile(model)
+        if self.dist.enabled:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=device_ids)
+        return model
+
+    @property
+    def epoch_images(self) -> int:
+        return self.sampler.epoch_length
+
+    @property
+    def total_images(self) -> int:
+        return self.cfg.epochs * self.epoch_images
+
+    def lr_now(self) -> float:
+        s = self.schedule
+        return warmup_cosine_lr(
+            self.progress.images_seen, self.total_images, s.warmup_epochs * self.epoch_images, s.peak_lr, s.min_lr
+        )
+
+    def autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # ----------------------------------------------------------------------------------------
+
+    def resume(self, weights: str | Path) -> None:
+        """Continue from a checkpoint written by `save` (any world size)."""
+        state = load_run_checkpoint(weights, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        if self.progress.images_in_epoch % self.global_batch:
+            raise ValueError(
+                f"cannot resume mid-epoch at image {self.progress.images_in_epoch} with a global batch of "
+                f"{self.global_batch}; resume with a batch that divides it, or from an epoch-end checkpoint"
+            )
+
+    def save(self) -> Path | None:
+        """Checkpoint the current progress (rank 0 writes; every rank returns)."""
+        path = None
+        if self.dist.is_main:
+            state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "progress": vars(self.progress).copy(),
+            }
+            path = save_run_checkpoint(
+                self.cfg.output_dir, self.progress.step, self.model, state, self.metadata, self.cfg.keep_last
+            )
+        return path
+
+    def fit(self) -> Progress:
+        """Train until `epochs` (or `max_steps`) is reached; checkpoint on the way and at a stop."""
+        while self.progress.epoch < self.cfg.epochs:
+            stopped = self.train_epoch()
+            if stopped:
+                self.save()
+                break
+        return self.progress
+
+    def reached_max_steps(self) -> bool:
+        return self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps
+
+    def train_epoch(self) -> bool:
+        """One epoch (or its remainder after a resume). Returns True when the run must stop early."""
+        p, cfg = self.progress, self.cfg
+        self.sampler.set_epoch(p.epoch, start=p.images_in_epoch)
+        self.train_model.train()
+        steps_left = (self.epoch_images - p.images_in_epoch) // self.global_batch
+        bar = tqdm(total=steps_left, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", disable=not self.dist.is_main,
+                   dynamic_ncols=True, leave=False)
+        loss_sum = torch.zeros((), device=self.device)
+        interval_loss = torch.zeros((), device=self.device)
+        skipped, steps_done, interval_steps = 0, 0, 0
+        epoch_start = interval_start = time.perf_counter()
+        micro_batches = iter(self.loader)
+        for _ in range(steps_left):
+            if self.reached_max_steps():
+                bar.close()
+                return True
+            loss, step_skipped = self.optimizer_step(micro_batches)
+            skipped += step_skipped
+            steps_done += 1
+            interval_steps += 1
+            if loss is not None:
+                loss_sum += loss
+                interval_loss += loss
+            bar.update(1)
+            if p.step % cfg.log_every == 0:
+                elapsed = time.perf_counter() - interval_start
+                metrics = {
+                    "epoch": p.epoch + p.images_in_epoch / self.epoch_images,
+                    "loss": float(interval_loss) / interval_steps,
+                    "lr": self.lr,
+                    "images_per_s": interval_steps * self.global_batch / max(elapsed, 1e-9),
+                }
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                                img_s=f"{metrics['images_per_s']:.0f}")
+                self.logger.log(metrics, p.step)
+                interval_loss.zero_()
+                interval_steps, interval_start = 0, time.perf_counter()
+        bar.close()
+        totals = all_reduce_sum(torch.tensor([float(loss_sum), float(skipped)], device=self.device))
+        epoch_metrics = {
+            "epoch": p.epoch + 1,
+            "train_loss": float(totals[0]) / self.dist.world_size / max(steps_done, 1),
+            "skipped_images": int(totals[1]),
+            "epoch_time_s": round(time.perf_counter() - epoch_start, 2),
+        }
+        p.epoch += 1
+        p.images_in_epoch = 0
+        if self.on_epoch_end is not None:
+            epoch_metrics.update(self.on_epoch_end(p.epoch - 1))
+        self.logger.log(epoch_metrics, p.step, prefix="epoch")
+        if self.dist.is_main:
+            summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in epoch_metrics.items())
+            tqdm.write(summary)
+            if skipped := epoch_metrics["skipped_images"]:
+                warnings.warn(f"{skipped} unreadable image(s) were skipped in epoch {p.epoch}", stacklevel=2)
+        if p.epoch % cfg.save_every == 0 or p.epoch == cfg.epochs:
+            self.save()
+        return False
+
+    def optimizer_step(self, micro_batches) -> tuple[torch.Tensor | None, int]:
+        """Accumulate `accum_iter` micro-batches and step. Returns (mean loss or None if skipped, skips)."""
+        p, cfg = self.progress, self.cfg
+        self.lr = self.lr_now()
+        set_lr(self.optimizer, self.lr)
+        total = torch.zeros((), device=self.device)
+        skipped = 0
+        for micro in range(cfg.accum_iter):
+            images, labels, seeds, micro_skipped = next(micro_batches)
+            skipped += micro_skipped
+            if images.numel() == 0:
+                continue
+            last = micro == cfg.accum_iter - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+            with sync:
+                with self.autocast():
+                    loss, _ = self.task(self.train_model, (images, labels, seeds), self.device)
+                self.scaler.scale(loss / cfg.accum_iter).backward()
+            total += loss.detach() / cfg.accum_iter
+        p.images_in_epoch += self.global_batch
+        p.images_seen += self.global_batch
+        p.step += 1
+        if not self.check_finite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None, skipped
+        if self.schedule.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.schedule.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total, skipped
+
+    def check_finite(self, loss: torch.Tensor) -> bool:
+        """False (and a warning) for a non-finite loss; too many in a row stop the run."""
+        nonfinite = all_reduce_sum((~torch.isfinite(loss)).float())  # every rank skips together
+        if not bool(nonfinite):
+            self.nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_in_a_row += 1
+        warnings.warn(f"non-finite loss at step {self.progress.step}: the step is skipped", stacklevel=2)
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row (last at step {self.progress.step}); "
+                "lower the learning rate, enable clip_grad, or use fp32"
+            )
+        return False

@@ -1,0 +1,54 @@
+"""Optimizers through timm's factory: weight-decay groups, layer-wise lr decay, LARS.
+
+Parameters with one dimension (biases, norm weights) and the tokens a model names in
+`no_weight_decay()` (cls, mask and position tokens) get no weight decay; frozen parameters are
+left out. Layer decay reads the model's `group_matcher()`, as every timm ViT does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+
+@dataclass
+class OptimConfig:
+    name: str = field(default="adamw", metadata={"help": "optimizer (timm name): adamw, lars, sgd, ..."})
+    base_lr: float = field(default=1.5e-4, metadata={"help": "lr per 256 images; lr = base_lr x batch / 256"})
+    lr: float | None = field(default=None, metadata={"help": "absolute lr; overrides base_lr when set"})
+    min_lr: float = field(default=0.0, metadata={"help": "floor of the cosine schedule"})
+    weight_decay: float = field(default=0.05, metadata={"help": "decoupled weight decay (not on biases, norms, tokens)"})
+    betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "Adam betas"})
+    momentum: float = field(default=0.9, metadata={"help": "momentum for SGD / LARS"})
+    layer_decay: float | None = field(default=None, metadata={"help": "layer-wise lr decay (e.g. 0.75)"})
+    warmup_epochs: float = field(default=40.0, metadata={"help": "linear warm-up length in epochs"})
+    clip_grad: float | None = field(default=None, metadata={"help": "clip the gradient norm to this value"})
+    fused: bool = field(default=False, metadata={"help": "use the fused (single kernel) optimizer step"})
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """An optimizer over the trainable parameters of `model` with decay groups (and layer decay)."""
+    kwargs: dict = {}
+    if cfg.name in ("adamw", "adam"):
+        kwargs["betas"] = tuple(cfg.betas)
+        if cfg.fused:
+            kwargs["fused"] = True
+    elif cfg.name in ("sgd", "momentum", "lars", "nlars"):
+        kwargs["momentum"] = cfg.momentum
+    return create_optimizer_v2(
+        model,
+        opt=cfg.name,
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+        layer_decay=cfg.layer_decay,
+        **kwargs,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the lr of every group, honouring a per-group `lr_scale` (layer decay)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

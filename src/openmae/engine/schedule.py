@@ -1,0 +1,26 @@
+"""Learning-rate schedule: linear warm-up, then a half-cycle cosine down to a floor.
+
+A pure function of training progress. Progress is counted in images seen (not optimizer steps), so
+a run resumed under another world size or batch size continues on the same curve.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def warmup_cosine_lr(progress: float, total: float, warmup: float, peak_lr: float, min_lr: float = 0.0) -> float:
+    """Learning rate after `progress` units of `total` (e.g. images seen), `warmup` of them warm-up.
+
+    Warm-up rises linearly from 0 to `peak_lr`; then a half cosine falls to `min_lr` at `total`.
+    """
+    if warmup > 0 and progress < warmup:
+        return peak_lr * progress / warmup
+    span = max(total - warmup, 1e-12)
+    fraction = min(max((progress - warmup) / span, 0.0), 1.0)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * fraction))
+
+
+def absolute_lr(base_lr: float, effective_batch: int) -> float:
+    """The paper's linear scaling rule: lr = base_lr x effective batch / 256."""
+    return base_lr * effective_batch / 256

@@ -1,0 +1,75 @@
+"""Pickled checkpoints: the MAE reference's `.pth` files, timm's and plain `torch.save` state dicts.
+
+The reference code saves `{'model': state_dict, ...}` (training checkpoints add the optimizer, the
+epoch and the argparse `args`) under the very names openmae uses, so no renaming is needed. Its
+linear-probe checkpoints put a BatchNorm without affine parameters in front of the classifier
+(`head.0`, `head.1`); that is folded into a single linear `head` here. Pickles are only ever read
+with `torch.load(weights_only=True)`, which refuses anything that could run code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Where training scripts nest the weights: the reference (`model`), timm (`state_dict`), others.
+CONTAINER_KEYS = ("model", "state_dict", "model_state_dict")
+
+# The reference's linear probe uses BatchNorm1d(affine=False, eps=1e-6) before the linear head.
+LINPROBE_BN_EPS = 1e-6
+
+
+def load_pickle(path: str | Path) -> Any:
+    """`torch.load` a `.pth` / `.bin` file on the CPU without running any code from it.
+
+    Besides tensors and plain containers, only `argparse.Namespace` (the reference and timm store
+    their command-line arguments in checkpoints) is allowed; it holds data only.
+    """
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
+        detail = (found.group(1) if found else str(e)).split(". ")[0].strip()
+        raise ValueError(
+            f"refused to load {path}: torch.load(weights_only=True) cannot read it safely ({detail}). "
+            "Only tensors and plain containers are loaded, since unpickling other objects can run code; "
+            "save the weights as a plain state dict or as safetensors"
+        ) from e
+    except RuntimeError as e:
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
+
+
+def unwrap_container(obj: Any) -> Any:
+    """The state dict inside a training checkpoint (`{'model': ...}`, `{'state_dict': ...}`), or `obj`."""
+    if isinstance(obj, Mapping):
+        for key in CONTAINER_KEYS:
+            if isinstance(obj.get(key), Mapping):
+                return obj[key]
+    return obj
+
+
+def fold_linprobe_head(
+    state: dict[str, torch.Tensor], eps: float = LINPROBE_BN_EPS
+) -> dict[str, torch.Tensor]:
+    """Fold a reference linear-probe head `head.0` (BatchNorm, no affine) + `head.1` into one `head`.
+
+    In eval mode `W (x - mean) / sqrt(var + eps) + b = (W s) x + (b - (W s) mean)`, `s = 1/sqrt(var+eps)`,
+    so the folded classifier gives the same logits. Other state dicts are returned unchanged.
+    """
+    if "head.1.weight" not in state or "head.0.running_mean" not in state:
+        return state
+    out = dict(state)
+    mean, var = out.pop("head.0.running_mean"), out.pop("head.0.running_var")  # [D] each
+    out.pop("head.0.num_batches_tracked", None)
+    weight, bias = out.pop("head.1.weight"), out.pop("head.1.bias")  # [classes, D], [classes]
+    scaled = weight * torch.rsqrt(var + eps)[None, :]  # [classes, D]
+    out["head.weight"] = scaled
+    out["head.bias"] = bias - scaled @ mean
+    return out

@@ -1,0 +1,158 @@
+"""MAE pretraining: `openmae.pretrain(config)` and `mae pretrain`.
+
+Defaults follow the paper's recipe (AdamW betas 0.9/0.95, weight decay 0.05, base lr 1.5e-4 per 256
+images, 40 warm-up epochs then cosine, 800 epochs, random-resized crops, normalised-pixel target).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from openmae.config import config_to_dict, save_config
+from openmae.data import DataConfig, build_dataset, build_loader, dataset_mean_std
+from openmae.distributed import init_distributed
+from openmae.engine.checkpoint import resolve_resume
+from openmae.engine.evaluate import reconstruction_error
+from openmae.engine.loop import Progress, Schedule, TrainConfig, Trainer
+from openmae.engine.optim import OptimConfig, build_optimizer
+from openmae.engine.sampler import noise_from_seeds
+from openmae.engine.schedule import absolute_lr
+from openmae.errors import UsageError
+from openmae.interop import save_checkpoint
+from openmae.logging import RunLogger
+from openmae.models import MaskedAutoencoder, create_model
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    model: str = field(default="mae_vit_base_patch16", metadata={"help": "named model size (mae models)"})
+    img_size: int | None = field(default=None, metadata={"help": "image side (None: the model's)"})
+    in_chans: int | None = field(default=None, metadata={"help": "input channels (None: the model's)"})
+    mask_ratio: float = field(default=0.75, metadata={"help": "share of patches hidden from the encoder"})
+    mask_sampling: str = field(default="random", metadata={"help": "random | block | grid"})
+    norm_pix_loss: bool = field(default=True, metadata={"help": "predict per-patch normalised pixels"})
+    eval_images: int = field(default=512, metadata={"help": "held-out images for reconstruction error"})
+    vis_every: int = field(default=5, metadata={"help": "epochs between held-out evaluation + images (0: off)"})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    output_dir: str = field(default="runs/pretrain", metadata={"help": "folder for checkpoints, logs and config"})
+
+
+@dataclass
+class PretrainResult:
+    output_dir: Path
+    weights: Path
+    progress: Progress
+    eval_metrics: dict
+
+
+class PretrainTask:
+    """The batch loss: masking noise comes from each sample's seed, so it replays on resume."""
+
+    def __init__(self, num_patches: int, per_sample_noise: bool) -> None:
+        self.num_patches = num_patches
+        self.per_sample_noise = per_sample_noise
+
+    def __call__(self, model, batch, device):
+        images, _, seeds = batch
+        noise = noise_from_seeds(seeds, self.num_patches, device) if self.per_sample_noise else None
+        out = model(images.to(device, non_blocking=True), noise=noise)
+        return out.loss, {}
+
+
+def build_pretrain_model(cfg: PretrainConfig) -> MaskedAutoencoder:
+    overrides = {"mask_ratio": cfg.mask_ratio, "norm_pix_loss": cfg.norm_pix_loss, "mask_sampling": cfg.mask_sampling}
+    if cfg.img_size is not None:
+        overrides["img_size"] = cfg.img_size
+    if cfg.in_chans is not None:
+        overrides["in_chans"] = cfg.in_chans
+    return create_model(cfg.model, **overrides)
+
+
+def pretrain(cfg: PretrainConfig) -> PretrainResult:
+    """Run MAE pretraining as `cfg` says; returns where the weights went and the final metrics."""
+    dist = init_distributed(cfg.device)
+    # Everything that can be wrong with the input is checked before anything is written.
+    try:
+        torch.manual_seed(cfg.seed)
+        model = build_pretrain_model(cfg)
+        img_size, in_chans = model.config.img_size, model.config.in_chans
+        train_set = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=True)
+        heldout = heldout_loader(cfg, img_size, in_chans)
+        resume_from = resolve_resume(cfg.resume, cfg.output_dir)
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from error
+
+    model.to(dist.device)
+    effective_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
+    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else absolute_lr(cfg.optim.base_lr, effective_batch)
+    optimizer = build_optimizer(model, cfg.optim, peak_lr)
+    out_dir = Path(cfg.output_dir)
+    logger = RunLogger(out_dir, enabled=dist.is_main)
+    if dist.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+        print(f"effective batch {effective_batch} -> lr {peak_lr:.3g} (base lr {cfg.optim.base_lr:g} x {effective_batch} / 256)")
+    metadata = {"run_config": json.dumps(config_to_dict(cfg)), "target": "norm_pix" if cfg.norm_pix_loss else "pixels"}
+    mean, std = dataset_mean_std(cfg.data, in_chans)
+    eval_metrics: dict = {}
+
+    def on_epoch_end(epoch: int) -> dict:
+        last = epoch + 1 == cfg.epochs
+        if heldout is None or not dist.is_main or not cfg.vis_every or not ((epoch + 1) % cfg.vis_every == 0 or last):
+            return {}
+        eval_metrics.update(reconstruction_error(model, heldout, dist.device, seed=cfg.seed))
+        log_reconstructions(logger, model, heldout, mean, std, epoch)
+        return dict(eval_metrics)
+
+    trainer = Trainer(
+        model,
+        PretrainTask(model.num_patches, per_sample_noise=cfg.mask_sampling == "random"),
+        train_set,
+        optimizer,
+        Schedule(peak_lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.clip_grad),
+        cfg,
+        dist,
+        logger,
+        num_workers=cfg.data.resolved_num_workers(),
+        metadata=metadata,
+        on_epoch_end=on_epoch_end,
+    )
+    if resume_from is not None:
+        trainer.resume(resume_from)
+        if dist.is_main:
+            print(f"resumed from {resume_from} at step {trainer.progress.step} (epoch {trainer.progress.epoch})")
+    progress = trainer.fit()
+    weights = out_dir / "model.safetensors"
+    if dist.is_main:
+        save_checkpoint(model, weights, metadata=metadata)
+    logger.close()
+    return PretrainResult(out_dir, weights, progress, eval_metrics)
+
+
+def heldout_loader(cfg: PretrainConfig, img_size, in_chans: int) -> DataLoader | None:
+    """A fixed set of validation images (eval transform) for reconstruction error and pictures."""
+    if cfg.eval_images <= 0:
+        return None
+    dataset = build_dataset(cfg.data, "val", img_size, in_chans, train_transform=False)
+    if dataset is None:
+        return None
+    dataset = Subset(dataset, range(min(cfg.eval_images, len(dataset))))
+    return build_loader(dataset, batch_size=min(256, cfg.eval_images), shuffle=False, num_workers=0)
+
+
+def log_reconstructions(logger: RunLogger, model, loader: DataLoader, mean, std, epoch: int) -> None:
+    """A Figure-2 style grid of the first held-out images, to TensorBoard and as a PNG."""
+    from openmae import viz
+
+    imgs = next(iter(loader))[0][:8].to(next(model.parameters()).device)
+    logger.image("reconstructions", viz.grid_tensor(model, imgs, mean, std, seed=0), epoch + 1)
+    if logger.enabled:
+        viz.save_reconstruction_grid(model, imgs, logger.out_dir / f"reconstructions-epoch{epoch + 1:04d}.png", mean, std)
+
+
+__all__ = ["PretrainConfig", "PretrainResult", "pretrain"]
