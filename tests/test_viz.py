@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -201,26 +200,14 @@ def test_grid_tensor_matches_the_png(tmp_path):
     assert torch.equal(tensor, expected)
 
 
-def test_visualize_files_reads_images_and_writes_grids(tmp_path):
-    model = make_model(1)
+def test_load_images_converts_files_to_a_normalised_batch(tmp_path):
     paths = []
     for i in range(3):  # RGB files of another size, for a gray 32x32 model
         path = tmp_path / f"img{i}.png"
         Image.fromarray(np.full((40, 48, 3), 60 * i, dtype=np.uint8)).save(path)
         paths.append(path)
-    written = viz.visualize_files(model, paths, tmp_path / "out", MEAN1, STD1, rows_per_grid=2)
-    assert [p.name for p in written] == ["reconstructions-000.png", "reconstructions-001.png"]
-    sizes = [Image.open(p).size for p in written]
-    assert sizes == [viz.grid_size_px(2, 32, 32, 4), viz.grid_size_px(1, 32, 32, 4)]
-    batch = viz.load_images(paths[1:2], 32, 1, MEAN1, STD1)
-    assert batch.shape == (1, 1, 32, 32)
-    torch.testing.assert_close(batch, torch.full_like(batch, (60 / 255 - 0.286) / 0.353), atol=1e-3, rtol=0)
-
-
-def test_mean_std_from_metadata():
-    config = {"data": {"dataset": "fashion_mnist", "mean": None, "std": None}}
-    mean, std = viz.mean_std_from_metadata({"config": json.dumps(config)}, 1)
-    assert mean == pytest.approx((0.2860406,)) and std == pytest.approx((0.3530242,))
-    config = {"data": {"dataset": "folder", "mean": [0.1, 0.2], "std": [0.3, 0.4]}}
-    assert viz.mean_std_from_metadata({"config": json.dumps(config)}, 2) == ((0.1, 0.2), (0.3, 0.4))
-    assert viz.mean_std_from_metadata(None, 3) == (MEAN3, STD3)
+    batch = viz.load_images(paths, 32, 1, MEAN1, STD1)
+    assert batch.shape == (3, 1, 32, 32)
+    torch.testing.assert_close(
+        batch[1:2], torch.full_like(batch[1:2], (60 / 255 - 0.286) / 0.353), atol=1e-3, rtol=0
+    )

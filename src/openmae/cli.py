@@ -56,7 +56,9 @@ def demo_command(argv: list[str]) -> int:
     return 0
 
 
-@command("visualize", "write Figure-2 style reconstruction grids (original | masked | reconstruction | pasted)")
+@command(
+    "visualize", "write Figure-2 style reconstruction grids (original | masked | reconstruction | pasted)"
+)
 def visualize_command(argv: list[str]) -> int:
     from openmae.recipes.visualize import visualize
 
@@ -68,12 +70,23 @@ def visualize_command(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
     parser.add_argument("--num-images", type=int, default=8, help="rows (images) in the grid")
     parser.add_argument("--dataset", default=None, help="fashion_mnist | synthetic, when no images are given")
-    parser.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation mean (default: dataset's)")
-    parser.add_argument("--std", type=float, nargs="+", default=None, help="normalisation std (default: dataset's)")
+    parser.add_argument(
+        "--mean", type=float, nargs="+", default=None, help="normalisation mean (default: dataset's)"
+    )
+    parser.add_argument(
+        "--std", type=float, nargs="+", default=None, help="normalisation std (default: dataset's)"
+    )
     args = parser.parse_args(argv)
     path = visualize(
-        args.checkpoint, args.images, args.out, args.mask_ratio, args.seed, args.num_images, args.dataset,
-        args.mean, args.std,
+        args.checkpoint,
+        args.images,
+        args.out,
+        args.mask_ratio,
+        args.seed,
+        args.num_images,
+        args.dataset,
+        args.mean,
+        args.std,
     )
     print(f"wrote {path}")
     return 0
@@ -92,8 +105,16 @@ def stats_command(argv: list[str]) -> int:
     if cfg.dataset == "fashion_mnist":
         in_chans = 1
     dataset = build_dataset(cfg, "train", 224, in_chans, raw=True)
-    mean, std = compute_mean_std(dataset, num_workers=cfg.resolved_num_workers(), max_images=namespace.max_images)
-    print("data.mean=[" + ", ".join(f"{m:.4f}" for m in mean) + "] data.std=[" + ", ".join(f"{s:.4f}" for s in std) + "]")
+    mean, std = compute_mean_std(
+        dataset, num_workers=cfg.resolved_num_workers(), max_images=namespace.max_images
+    )
+    print(
+        "data.mean=["
+        + ", ".join(f"{m:.4f}" for m in mean)
+        + "] data.std=["
+        + ", ".join(f"{s:.4f}" for s in std)
+        + "]"
+    )
     return 0
 
 
@@ -104,9 +125,11 @@ def models_command(argv: list[str]) -> int:
     _parser("models", "Named model sizes for `model=` and openmae.create_model().").parse_args(argv)
     for name in list_models():
         c = model_config(name)
-        print(f"{name:26s} img {c.img_size[0]}x{c.img_size[1]} patch {c.patch_size} in {c.in_chans}  "
-              f"enc {c.embed_dim}x{c.depth} ({c.num_heads}h)  dec {c.decoder_embed_dim}x{c.decoder_depth} "
-              f"({c.decoder_num_heads}h)")
+        print(
+            f"{name:26s} img {c.img_size[0]}x{c.img_size[1]} patch {c.patch_size} in {c.in_chans}  "
+            f"enc {c.embed_dim}x{c.depth} ({c.num_heads}h)  dec {c.decoder_embed_dim}x{c.decoder_depth} "
+            f"({c.decoder_num_heads}h)"
+        )
     return 0
 
 

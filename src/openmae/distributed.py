@@ -41,7 +41,9 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but no CUDA GPU is available; use device=cpu or auto")
+            raise RuntimeError(
+                "device 'cuda' was asked for but no CUDA GPU is available; use device=cpu or auto"
+            )
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device

@@ -23,7 +23,6 @@ the model's random masking sorts, on the CPU, so the same seed gives the same pi
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -340,57 +339,6 @@ def load_images(
     return torch.stack([transform(read_image(p, channels=in_chans)) for p in paths])
 
 
-def visualize_files(
-    model: nn.Module,
-    paths: Sequence[str | Path],
-    out_dir: str | Path,
-    mean: Sequence[float],
-    std: Sequence[float],
-    mask_ratio: float = 0.75,
-    seed: int = 0,
-    rows_per_grid: int = 8,
-    scale: int | None = None,
-) -> list[Path]:
-    """Write reconstruction grids of image files to `out_dir/reconstructions-000.png`, `-001`, ...
-
-    Every grid holds up to `rows_per_grid` images, in the order given; the masks of all grids come
-    from one generator seeded with `seed`. `mean`/`std` must be the normalisation the model was
-    trained with (see :func:`mean_std_from_metadata`). Returns the paths written.
-    """
-    if rows_per_grid < 1:
-        raise ValueError(f"rows_per_grid must be at least 1, got {rows_per_grid}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = model.config
-    generator = torch.Generator().manual_seed(seed)
-    written = []
-    for start in range(0, len(paths), rows_per_grid):
-        imgs = load_images(paths[start : start + rows_per_grid], config.img_size, config.in_chans, mean, std)
-        image = make_grid_image(reconstruct(model, imgs, mask_ratio, generator), mean, std, scale)
-        path = out_dir / f"reconstructions-{start // rows_per_grid:03d}.png"
-        image.save(path, format="PNG")
-        written.append(path)
-    return written
-
-
-def mean_std_from_metadata(
-    metadata: dict[str, str] | None, in_chans: int
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The normalisation a checkpoint was trained with, from its safetensors metadata.
-
-    Pretraining stores its run config as JSON under `"config"`; its `data.mean`/`data.std`, else the
-    defaults of its `data.dataset` (see `openmae.data.transforms.default_mean_std`), are used. Without
-    that information the defaults for an image folder are returned.
-    """
-    from openmae.data.transforms import default_mean_std
-
-    data = {}
-    if metadata and "config" in metadata:
-        data = json.loads(metadata["config"]).get("data") or {}
-    mean, std = default_mean_std(data.get("dataset", "folder"), in_chans)
-    return tuple(data.get("mean") or mean), tuple(data.get("std") or std)
-
-
 __all__ = [
     "Reconstruction",
     "auto_scale",
@@ -400,10 +348,8 @@ __all__ = [
     "load_images",
     "make_grid_image",
     "mask_to_pixels",
-    "mean_std_from_metadata",
     "reconstruct",
     "reconstruction_grid",
     "save_reconstruction_grid",
     "to_display",
-    "visualize_files",
 ]

@@ -33,6 +33,7 @@ def test_config_fields_have_help_and_validate():
         DataConfig(crop_scale=(0.8, 0.2))
     assert DataConfig(num_workers=0).resolved_num_workers() == 0
     assert 2 <= DataConfig().resolved_num_workers() == default_num_workers() <= 8
+    assert DataConfig(dataset="fashion_mnist").resolved_num_workers() == 0
 
 
 def test_folder_train_and_val_share_class_indices(tmp_path):

@@ -41,7 +41,9 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_one(tmp_p
         assert torch.equal(a[key], b[key]), key
     # ...and a run that did not replay the same data would differ.
     other = run(tmp_path, "other_seed", "seed=1")
-    assert not torch.equal(load_file(other.weights)["blocks.0.attn.qkv.weight"], a["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(
+        load_file(other.weights)["blocks.0.attn.qkv.weight"], a["blocks.0.attn.qkv.weight"]
+    )
 
 
 def test_run_writes_config_metrics_checkpoints_and_keeps_the_last_k(tmp_path):
@@ -78,7 +80,9 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(tmp_path, monkeypatch):
     from openmae.engine import loop
     from openmae.models.mae import MaskedAutoencoder
 
-    monkeypatch.setattr(MaskedAutoencoder, "forward_loss", staticmethod(lambda pred, target, mask: pred.sum() * float("nan")))
+    monkeypatch.setattr(
+        MaskedAutoencoder, "forward_loss", staticmethod(lambda pred, target, mask: pred.sum() * float("nan"))
+    )
     with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(loop.NonFiniteLossError):
         run(tmp_path, "nan", "max_nonfinite=3")
     assert not list((tmp_path / "nan").glob("checkpoint-*"))

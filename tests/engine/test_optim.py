@@ -30,7 +30,9 @@ def test_weight_decay_only_on_matrices_not_biases_norms_or_tokens():
 def test_layer_decay_scales_lr_per_block():
     from openmae.models import VisionTransformer
 
-    encoder = VisionTransformer(create_model("mae_vit_debug").config.encoder_config(num_classes=10, global_pool="avg"))
+    encoder = VisionTransformer(
+        create_model("mae_vit_debug").config.encoder_config(num_classes=10, global_pool="avg")
+    )
     optimizer = build_optimizer(encoder, OptimConfig(layer_decay=0.5, weight_decay=0.05), lr=1.0)
     set_lr(optimizer, 1.0)
     names = {id(p): n for n, p in encoder.named_parameters()}

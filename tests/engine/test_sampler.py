@@ -33,7 +33,7 @@ class _Noisy(torch.utils.data.Dataset):
         return 4
 
     def __getitem__(self, i):
-        return (None if i == 2 else (torch.rand(1, 2, 2), i))
+        return None if i == 2 else (torch.rand(1, 2, 2), i)
 
 
 def test_seeded_items_replay_and_unreadable_items_are_counted():

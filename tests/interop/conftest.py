@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from openmae.models import MAEConfig, MaskedAutoencoder, ViTConfig, VisionTransformer
+from openmae.models import MAEConfig, MaskedAutoencoder, VisionTransformer, ViTConfig
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 TINY_DECODER = {"decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
@@ -47,7 +47,7 @@ def make_vit():
 
 @pytest.fixture
 def same_weights():
-    """`same_weights(a, b)`: True if two models (or state dicts) hold identical tensors under the same names."""
+    """`same_weights(a, b)`: True if two models (or state dicts) hold the same names and tensors."""
 
     def same(a, b) -> bool:
         sa = a if isinstance(a, dict) else a.state_dict()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -101,7 +102,21 @@ def test_bad_inputs_give_clear_errors(tmp_path, make_mae):
         load_checkpoint(tmp_path / "junk.pth")
 
     path = save_checkpoint(make_mae(embed_dim=32), tmp_path / "w.safetensors")
-    with pytest.raises(ValueError, match=r"shape mismatch in .*cls_token: checkpoint \[1, 1, 32\] vs model \[1, 1, 64\]"):
+    with pytest.raises(
+        ValueError, match=r"shape mismatch in .*cls_token: checkpoint \[1, 1, 32\] vs model \[1, 1, 64\]"
+    ):
         load_checkpoint(path, model=make_mae(embed_dim=64))
     with pytest.raises(ValueError, match="unknown MAEConfig fields"):
         load_checkpoint(path, num_head=2)
+
+
+def test_encoder_of_a_pretrained_mae(tmp_path, make_mae, same_weights):
+    model = make_mae()
+    path = save_checkpoint(model, tmp_path / "w.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dropping the decoder on request is not worth a warning
+        encoder = load_checkpoint(path, kind="encoder")
+    assert type(encoder) is VisionTransformer and encoder.config.num_classes == 0
+    assert same_weights(encoder, model.encoder_state_dict())
+    with pytest.raises(ValueError, match="num_classes="):
+        load_checkpoint(path, kind="classifier")

@@ -39,14 +39,19 @@ def test_encoder_only_checkpoint_warns_about_the_decoder(tmp_path, make_mae, sam
     assert type(loaded) is MaskedAutoencoder
     assert same_weights(loaded.encoder_state_dict(), model.encoder_state_dict())
     with torch.no_grad():
-        assert torch.equal(loaded.forward_features(torch.ones(1, 3, 32, 32)), model.forward_features(torch.ones(1, 3, 32, 32)))
+        assert torch.equal(
+            loaded.forward_features(torch.ones(1, 3, 32, 32)),
+            model.forward_features(torch.ones(1, 3, 32, 32)),
+        )
 
 
 def test_encoder_is_loaded_strictly(tmp_path, make_mae):
     state = make_mae().encoder_state_dict()
     del state["blocks.1.mlp.fc2.bias"]
     state["blocks.0.ls1.gamma"] = torch.ones(32)  # a timm ViT variant openmae does not have
-    with pytest.raises(ValueError, match=r"missing \['blocks.1.mlp.fc2.bias'\], unexpected \['blocks.0.ls1.gamma'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing \['blocks.1.mlp.fc2.bias'\], unexpected \['blocks.0.ls1.gamma'\]"
+    ):
         load_checkpoint({"model": state}, kind="encoder", num_heads=2)
     with pytest.warns(UserWarning, match="encoder weights do not match"):
         load_checkpoint({"model": state}, kind="encoder", num_heads=2, strict=False)
@@ -70,10 +75,12 @@ def test_finetuned_avg_pool_checkpoint(tmp_path, make_vit, same_weights):
 
 
 def test_pretrained_encoder_into_a_new_classifier(tmp_path, make_mae):
-    """Fine-tuning start: the pretrained `norm` is dropped, `fc_norm` and `head` are new (as in the reference)."""
+    """Fine-tuning starts as in the reference: pretrained `norm` dropped, new `fc_norm` and `head`."""
     state = make_mae().state_dict()
     with pytest.warns(UserWarning) as record:
-        model = load_checkpoint({"model": state}, kind="classifier", num_heads=2, num_classes=3, global_pool="avg")
+        model = load_checkpoint(
+            {"model": state}, kind="classifier", num_heads=2, num_classes=3, global_pool="avg"
+        )
     messages = " ".join(str(w.message) for w in record)
     assert "no head weights" in messages and "no final norm weights" in messages
     assert torch.equal(model.blocks[1].mlp.fc2.weight, state["blocks.1.mlp.fc2.weight"])

@@ -19,4 +19,6 @@ def shipped_config(name_or_path: str | Path) -> Path:
     candidate = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
     if candidate.exists():
         return candidate
-    raise FileNotFoundError(f"config {name_or_path} not found; shipped configs: {', '.join(list_shipped_configs())}")
+    raise FileNotFoundError(
+        f"config {name_or_path} not found; shipped configs: {', '.join(list_shipped_configs())}"
+    )

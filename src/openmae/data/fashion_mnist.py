@@ -59,9 +59,10 @@ def find_fashion_mnist(root: str | Path | None = None, download: bool = False) -
     `root` (when given) is the only place looked in, also for a torchvision layout under it
     (`FashionMNIST/raw/`); without it, the Debian folder then the download cache are tried.
     """
-    places = (
-        [Path(root).expanduser()] if root is not None else [DEBIAN_DIR, DEFAULT_DOWNLOAD_DIR.expanduser()]
-    )
+    if root is not None:
+        places = [Path(root).expanduser()]
+    else:
+        places = [DEBIAN_DIR, DEFAULT_DOWNLOAD_DIR.expanduser()]
     for place in places:
         for folder in (place, place / "FashionMNIST" / "raw"):
             if _has_files(folder):

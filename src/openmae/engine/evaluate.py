@@ -58,4 +58,3 @@ def baseline_prediction(patches: torch.Tensor, mask: torch.Tensor, channels: int
     visible_pixels = (visible.sum(dim=(1, 2)) * (D // channels)).clamp(min=1)  # [B, 1]
     mean = (pixels * visible).sum(dim=(1, 2)) / visible_pixels  # [B, C]
     return mean[:, None, None, :].expand(B, L, D // channels, channels).reshape(B, L, D)
-

@@ -39,10 +39,14 @@ class TrainConfig:
     epochs: int = field(default=800, metadata={"help": "training epochs (the schedule spans them)"})
     batch_size: int = field(default=64, metadata={"help": "images per device per micro-step"})
     accum_iter: int = field(default=1, metadata={"help": "micro-steps accumulated per optimizer step"})
-    precision: Precision = field(default="fp32", metadata={"help": "fp32 | bf16 (autocast) | fp16 (GPU, scaler)"})
+    precision: Precision = field(
+        default="fp32", metadata={"help": "fp32 | bf16 (autocast) | fp16 (GPU, scaler)"}
+    )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
     seed: int = field(default=0, metadata={"help": "seed of data order, augmentation, masking and init"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop (with a checkpoint) after this many steps"})
+    max_steps: int | None = field(
+        default=None, metadata={"help": "stop (with a checkpoint) after this many steps"}
+    )
     log_every: int = field(default=20, metadata={"help": "optimizer steps between log lines"})
     save_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept in the output folder"})
@@ -131,7 +135,9 @@ class Trainer:
             len(dataset), self.global_batch, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size
         )
         if self.sampler.epoch_length == 0:
-            raise ValueError(f"the dataset ({len(dataset)} images) is smaller than one global batch ({self.global_batch})")
+            raise ValueError(
+                f"the dataset ({len(dataset)} images) is smaller than one global batch ({self.global_batch})"
+            )
         self.loader = DataLoader(
             SeededDataset(dataset),
             batch_size=cfg.batch_size,
@@ -168,7 +174,11 @@ class Trainer:
     def lr_now(self) -> float:
         s = self.schedule
         return warmup_cosine_lr(
-            self.progress.images_seen, self.total_images, s.warmup_epochs * self.epoch_images, s.peak_lr, s.min_lr
+            self.progress.images_seen,
+            self.total_images,
+            s.warmup_epochs * self.epoch_images,
+            s.peak_lr,
+            s.min_lr,
         )
 
     def autocast(self):
@@ -223,8 +233,13 @@ class Trainer:
         self.sampler.set_epoch(p.epoch, start=p.images_in_epoch)
         self.train_model.train()
         steps_left = (self.epoch_images - p.images_in_epoch) // self.global_batch
-        bar = tqdm(total=steps_left, desc=f"epoch {p.epoch + 1}/{cfg.epochs}", disable=not self.dist.is_main,
-                   dynamic_ncols=True, leave=False)
+        bar = tqdm(
+            total=steps_left,
+            desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
+            disable=not self.dist.is_main,
+            dynamic_ncols=True,
+            leave=False,
+        )
         loss_sum = torch.zeros((), device=self.device)
         interval_loss = torch.zeros((), device=self.device)
         skipped, steps_done, interval_steps = 0, 0, 0
@@ -250,8 +265,11 @@ class Trainer:
                     "lr": self.lr,
                     "images_per_s": interval_steps * self.global_batch / max(elapsed, 1e-9),
                 }
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                img_s=f"{metrics['images_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{metrics['loss']:.4f}",
+                    lr=f"{metrics['lr']:.2e}",
+                    img_s=f"{metrics['images_per_s']:.0f}",
+                )
                 self.logger.log(metrics, p.step)
                 interval_loss.zero_()
                 interval_steps, interval_start = 0, time.perf_counter()
@@ -269,7 +287,9 @@ class Trainer:
             epoch_metrics.update(self.on_epoch_end(p.epoch - 1))
         self.logger.log(epoch_metrics, p.step, prefix="epoch")
         if self.dist.is_main:
-            summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in epoch_metrics.items())
+            summary = ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in epoch_metrics.items()
+            )
             tqdm.write(summary)
             if skipped := epoch_metrics["skipped_images"]:
                 warnings.warn(f"{skipped} unreadable image(s) were skipped in epoch {p.epoch}", stacklevel=2)

@@ -20,7 +20,9 @@ class OptimConfig:
     base_lr: float = field(default=1.5e-4, metadata={"help": "lr per 256 images; lr = base_lr x batch / 256"})
     lr: float | None = field(default=None, metadata={"help": "absolute lr; overrides base_lr when set"})
     min_lr: float = field(default=0.0, metadata={"help": "floor of the cosine schedule"})
-    weight_decay: float = field(default=0.05, metadata={"help": "decoupled weight decay (not on biases, norms, tokens)"})
+    weight_decay: float = field(
+        default=0.05, metadata={"help": "decoupled weight decay (not on biases, norms, tokens)"}
+    )
     betas: tuple[float, float] = field(default=(0.9, 0.95), metadata={"help": "Adam betas"})
     momentum: float = field(default=0.9, metadata={"help": "momentum for SGD / LARS"})
     layer_decay: float | None = field(default=None, metadata={"help": "layer-wise lr decay (e.g. 0.75)"})

@@ -122,7 +122,8 @@ def noise_from_seeds(seeds: torch.Tensor, num_patches: int, device: torch.device
     Independent of the augmentation stream (the seed is offset), of batch composition and of rank.
     """
     rows = [
-        torch.rand(num_patches, generator=torch.Generator().manual_seed(int(s) ^ 0x5EED)) for s in seeds.tolist()
+        torch.rand(num_patches, generator=torch.Generator().manual_seed(int(s) ^ 0x5EED))
+        for s in seeds.tolist()
     ]
     return torch.stack(rows).to(device, non_blocking=True)  # [B, L]
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 
 
-def warmup_cosine_lr(progress: float, total: float, warmup: float, peak_lr: float, min_lr: float = 0.0) -> float:
+def warmup_cosine_lr(
+    progress: float, total: float, warmup: float, peak_lr: float, min_lr: float = 0.0
+) -> float:
     """Learning rate after `progress` units of `total` (e.g. images seen), `warmup` of them warm-up.
 
     Warm-up rises linearly from 0 to `peak_lr`; then a half cosine falls to `min_lr` at `total`.

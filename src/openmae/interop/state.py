@@ -27,8 +27,11 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare model inside DistributedDataParallel / torch.compile wrappers."""
     while True:
-        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
+        inner = next(
+            (m for name in ("_orig_mod", "module") if isinstance(m := getattr(model, name, None), nn.Module)),
+            None,
+        )
+        if inner is None:
             return model
         model = inner
 

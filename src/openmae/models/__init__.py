@@ -5,7 +5,7 @@ from openmae.models.masking import Masking, random_masking, sample_masking
 from openmae.models.patches import patchify, unpatchify
 from openmae.models.pos_embed import resize_pos_embed, sincos_2d
 from openmae.models.registry import create_model, list_models, model_config
-from openmae.models.vit import ViTConfig, VisionTransformer
+from openmae.models.vit import VisionTransformer, ViTConfig
 
 __all__ = [
     "MAEConfig",

@@ -28,7 +28,7 @@ from openmae.models.masking import (
 )
 from openmae.models.patches import normalize_patches, patchify
 from openmae.models.pos_embed import sincos_2d
-from openmae.models.vit import ViTConfig, VisionTransformer
+from openmae.models.vit import VisionTransformer, ViTConfig
 
 
 @dataclass
@@ -131,7 +131,9 @@ class MaskedAutoencoder(VisionTransformer):
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
         if noise is not None:
             if noise.shape != (batch_size, self.num_patches):
-                raise ValueError(f"noise must be [B, L] = [{batch_size}, {self.num_patches}], got {list(noise.shape)}")
+                raise ValueError(
+                    f"noise must be [B, L] = [{batch_size}, {self.num_patches}], got {list(noise.shape)}"
+                )
             return random_masking(noise.to(device), ratio)
         return sample_masking(batch_size, self.grid_size, ratio, self.config.mask_sampling, device, generator)
 

@@ -71,7 +71,9 @@ def masking_from_mask(mask: torch.Tensor) -> Masking:
     mask = mask.float()
     kept_per_row = (mask == 0).sum(dim=1)
     if kept_per_row.numel() and not bool((kept_per_row == kept_per_row[0]).all()):
-        raise ValueError(f"every row of a mask must keep the same number of patches, got {kept_per_row.tolist()}")
+        raise ValueError(
+            f"every row of a mask must keep the same number of patches, got {kept_per_row.tolist()}"
+        )
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("a mask may hold only 0 (kept) and 1 (removed)")
     keep = int(kept_per_row[0]) if kept_per_row.numel() else 0

@@ -57,11 +57,15 @@ def demo(overrides: Sequence[str] = (), test_images: int = 2000) -> dict:
 
 def print_summary(results: dict) -> None:
     print()
-    print(f"Held-out masked-patch MSE on {results['test_images']} Fashion-MNIST test images "
-          f"({results['mask_ratio']:.0%} of patches hidden, normalised pixel units):")
+    print(
+        f"Held-out masked-patch MSE on {results['test_images']} Fashion-MNIST test images "
+        f"({results['mask_ratio']:.0%} of patches hidden, normalised pixel units):"
+    )
     print(f"  MAE reconstruction               {results['masked_mse']:.4f}")
     print(f"  baseline: mean of visible pixels {results['baseline_mse']:.4f}")
-    print(f"  MAE error is {results['ratio_to_baseline']:.1%} of the baseline's "
-          f"after {results['train_minutes']:.1f} min of training")
+    print(
+        f"  MAE error is {results['ratio_to_baseline']:.1%} of the baseline's "
+        f"after {results['train_minutes']:.1f} min of training"
+    )
     print(f"Weights: {results['weights']}")
     print(f"Reconstructions: {results['reconstructions']}")

@@ -37,10 +37,14 @@ class PretrainConfig(TrainConfig):
     mask_sampling: str = field(default="random", metadata={"help": "random | block | grid"})
     norm_pix_loss: bool = field(default=True, metadata={"help": "predict per-patch normalised pixels"})
     eval_images: int = field(default=512, metadata={"help": "held-out images for reconstruction error"})
-    vis_every: int = field(default=5, metadata={"help": "epochs between held-out evaluation + images (0: off)"})
+    vis_every: int = field(
+        default=5, metadata={"help": "epochs between held-out evaluation + images (0: off)"}
+    )
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    output_dir: str = field(default="runs/pretrain", metadata={"help": "folder for checkpoints, logs and config"})
+    output_dir: str = field(
+        default="runs/pretrain", metadata={"help": "folder for checkpoints, logs and config"}
+    )
 
 
 @dataclass
@@ -66,7 +70,11 @@ class PretrainTask:
 
 
 def build_pretrain_model(cfg: PretrainConfig) -> MaskedAutoencoder:
-    overrides = {"mask_ratio": cfg.mask_ratio, "norm_pix_loss": cfg.norm_pix_loss, "mask_sampling": cfg.mask_sampling}
+    overrides = {
+        "mask_ratio": cfg.mask_ratio,
+        "norm_pix_loss": cfg.norm_pix_loss,
+        "mask_sampling": cfg.mask_sampling,
+    }
     if cfg.img_size is not None:
         overrides["img_size"] = cfg.img_size
     if cfg.in_chans is not None:
@@ -96,14 +104,23 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     logger = RunLogger(out_dir, enabled=dist.is_main)
     if dist.is_main:
         save_config(cfg, out_dir / "config.yaml")
-        print(f"effective batch {effective_batch} -> lr {peak_lr:.3g} (base lr {cfg.optim.base_lr:g} x {effective_batch} / 256)")
-    metadata = {"run_config": json.dumps(config_to_dict(cfg)), "target": "norm_pix" if cfg.norm_pix_loss else "pixels"}
+        rule = f"base lr {cfg.optim.base_lr:g} x {effective_batch} / 256"
+        print(f"effective batch {effective_batch} -> lr {peak_lr:.3g} ({rule})")
+    metadata = {
+        "run_config": json.dumps(config_to_dict(cfg)),
+        "target": "norm_pix" if cfg.norm_pix_loss else "pixels",
+    }
     mean, std = dataset_mean_std(cfg.data, in_chans)
     eval_metrics: dict = {}
 
     def on_epoch_end(epoch: int) -> dict:
         last = epoch + 1 == cfg.epochs
-        if heldout is None or not dist.is_main or not cfg.vis_every or not ((epoch + 1) % cfg.vis_every == 0 or last):
+        if (
+            heldout is None
+            or not dist.is_main
+            or not cfg.vis_every
+            or not ((epoch + 1) % cfg.vis_every == 0 or last)
+        ):
             return {}
         eval_metrics.update(reconstruction_error(model, heldout, dist.device, seed=cfg.seed))
         log_reconstructions(logger, model, heldout, mean, std, epoch)
@@ -125,7 +142,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     if resume_from is not None:
         trainer.resume(resume_from)
         if dist.is_main:
-            print(f"resumed from {resume_from} at step {trainer.progress.step} (epoch {trainer.progress.epoch})")
+            print(
+                f"resumed from {resume_from} at step {trainer.progress.step} (epoch {trainer.progress.epoch})"
+            )
     progress = trainer.fit()
     weights = out_dir / "model.safetensors"
     if dist.is_main:
@@ -152,7 +171,9 @@ def log_reconstructions(logger: RunLogger, model, loader: DataLoader, mean, std,
     imgs = next(iter(loader))[0][:8].to(next(model.parameters()).device)
     logger.image("reconstructions", viz.grid_tensor(model, imgs, mean, std, seed=0), epoch + 1)
     if logger.enabled:
-        viz.save_reconstruction_grid(model, imgs, logger.out_dir / f"reconstructions-epoch{epoch + 1:04d}.png", mean, std)
+        viz.save_reconstruction_grid(
+            model, imgs, logger.out_dir / f"reconstructions-epoch{epoch + 1:04d}.png", mean, std
+        )
 
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
-from openmae.data import DataConfig, build_dataset, dataset_mean_std, eval_transform, find_images, read_image
+from openmae.data import DataConfig, build_dataset, dataset_mean_std, find_images
 from openmae.errors import UsageError
 from openmae.interop import load_checkpoint, read_metadata
 from openmae.models import MaskedAutoencoder
@@ -49,11 +49,13 @@ def visualize(
     default_mean, default_std = dataset_mean_std(data_cfg, in_chans)
     mean, std = tuple(mean or default_mean), tuple(std or default_std)
     if images:
-        batch = load_images(images, img_size, in_chans, mean, std, num_images)
+        batch = viz.load_images(image_files(images)[:num_images], img_size, in_chans, mean, std)
     else:
         test_set = build_dataset(data_cfg, "test", img_size, in_chans, train_transform=False)
         if test_set is None:
-            raise UsageError("no images given and the checkpoint's dataset has no test split; pass image files")
+            raise UsageError(
+                "no images given and the checkpoint's dataset has no test split; pass image files"
+            )
         subset = Subset(test_set, range(min(num_images, len(test_set))))
         batch = torch.stack([subset[i][0] for i in range(len(subset))])
     return viz.save_reconstruction_grid(model, batch, out, mean, std, mask_ratio=mask_ratio, seed=seed)
@@ -70,8 +72,8 @@ def run_data_config(checkpoint: str | Path) -> DataConfig:
     return DataConfig(**{k: v for k, v in data.items() if k in known})
 
 
-def load_images(paths: Sequence[str | Path], img_size, in_chans: int, mean, std, limit: int) -> torch.Tensor:
-    """Files (and the images inside folders) -> normalised `[N, C, H, W]` at the model's size."""
+def image_files(paths: Sequence[str | Path]) -> list[Path]:
+    """The given files, and the images inside given folders; a missing path is an error."""
     files: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
@@ -82,6 +84,4 @@ def load_images(paths: Sequence[str | Path], img_size, in_chans: int, mean, std,
             raise UsageError(f"image not found: {path}")
     if not files:
         raise UsageError(f"no images found in {', '.join(map(str, paths))}")
-    channels = {1: "gray", 3: "rgb"}.get(in_chans, in_chans)
-    transform = eval_transform(img_size, mean, std, 0.875)
-    return torch.stack([transform(read_image(f, channels)) for f in files[:limit]])
+    return files

@@ -1,0 +1,115 @@
+"""The `mae` command end to end on the debug model."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from openmae.cli import main
+
+TINY = ["model=mae_vit_debug", "data.num_workers=0", "batch_size=4", "epochs=1", "vis_every=0"]
+
+
+def write_images(folder, count, size=40, corrupt=True):
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        sub = folder / ("a" if i % 2 else "b")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(sub / f"{i}.png")
+    if corrupt:
+        (folder / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+        (folder / "b" / "empty.jpg").write_bytes(b"")
+
+
+def test_pretrain_on_an_image_folder_writes_checkpoint_config_metrics_and_counts_unreadable_files(tmp_path):
+    write_images(tmp_path / "images", 10)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="broken.png|empty.jpg"):
+        code = main(
+            ["pretrain", *TINY, f"data.path={tmp_path / 'images'}", f"output_dir={out}", "batch_size=6"]
+        )
+    assert code == 0
+    assert (out / "model.safetensors").exists() and (out / "config.yaml").exists()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    epoch = [r for r in records if "skipped_images" in r]
+    assert epoch and epoch[-1]["skipped_images"] == 2  # 12 files, 2 unreadable, one epoch of 12
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("mask_ratio=1.0", "mask_ratio"),
+        ("img_size=30", "divisible"),
+        ("data.path=/no/such/folder", "/no/such/folder"),
+        ("optim.weight_decy=0.1", "did you mean 'optim.weight_decay'"),
+        ("epochs=ten", "epochs"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_with_exit_code_2_and_nothing_written(
+    tmp_path, capsys, override, message
+):
+    write_images(tmp_path / "images", 4, corrupt=False)
+    out = tmp_path / "run"
+    code = main(["pretrain", *TINY, f"data.path={tmp_path / 'images'}", f"output_dir={out}", override])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_help_documents_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = capsys.readouterr().out
+    for option in ["--epochs", "--mask_ratio", "--optim.base_lr", "--data.path", "--resume", "--precision"]:
+        assert option in text
+    assert "default: 0.75" in text and "default: 0.00015" in text
+
+
+def test_models_lists_the_named_sizes(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "mae_vit_base_patch16" in out and "mae_vit_huge_patch14" in out
+
+
+def test_console_entry_point_runs_as_a_module():
+    done = subprocess.run(
+        [sys.executable, "-m", "openmae", "models"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "mae_vit_debug" in done.stdout
+
+
+def test_visualize_writes_a_grid_for_given_images_and_for_the_dataset(tmp_path):
+    from PIL import Image as PILImage
+
+    from openmae import viz
+
+    write_images(tmp_path / "images", 3, corrupt=False)
+    run = tmp_path / "run"
+    args = ["model=mae_vit_debug", "data.dataset=synthetic", "data.synthetic_size=8", "data.num_workers=0"]
+    assert main(["pretrain", *args, "batch_size=4", "epochs=1", "vis_every=0", f"output_dir={run}"]) == 0
+    out = tmp_path / "grid.png"
+    code = main(["visualize", "--checkpoint", str(run / "model.safetensors"), str(tmp_path / "images"),
+                 "--out", str(out), "--mask-ratio", "0.5"])  # fmt: skip
+    assert code == 0
+    assert PILImage.open(out).size == viz.grid_size_px(3, 32, 32, viz.auto_scale(32, 32))
+    out2 = tmp_path / "dataset.png"
+    assert (
+        main(
+            [
+                "visualize",
+                "--checkpoint",
+                str(run / "model.safetensors"),
+                "--out",
+                str(out2),
+                "--num-images",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert PILImage.open(out2).size == viz.grid_size_px(2, 32, 32, viz.auto_scale(32, 32))
+    assert main(["visualize", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
