@@ -1,15 +1,17 @@
 """openmae: masked autoencoders for self-supervised pretraining of vision transformers."""
 
-from openmae.interop import export_hf, export_timm, load_checkpoint, save_checkpoint
+from openmae.config import load_config
+from openmae.interop import export_hf, export_timm, load_checkpoint, save_checkpoint, to_hf, to_timm
 from openmae.models import (
     MAEConfig,
     MAEOutput,
     MaskedAutoencoder,
-    ViTConfig,
     VisionTransformer,
+    ViTConfig,
     create_model,
     list_models,
 )
+from openmae.recipes.pretrain import PretrainConfig, pretrain
 
 __version__ = "0.1.0"
 
@@ -17,6 +19,7 @@ __all__ = [
     "MAEConfig",
     "MAEOutput",
     "MaskedAutoencoder",
+    "PretrainConfig",
     "ViTConfig",
     "VisionTransformer",
     "__version__",
@@ -24,6 +27,10 @@ __all__ = [
     "export_hf",
     "export_timm",
     "list_models",
+    "load_config",
     "load_checkpoint",
+    "pretrain",
     "save_checkpoint",
+    "to_hf",
+    "to_timm",
 ]

@@ -86,3 +86,11 @@ def test_non_finite_losses_skip_steps_then_stop_the_run(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(loop.NonFiniteLossError):
         run(tmp_path, "nan", "max_nonfinite=3")
     assert not list((tmp_path / "nan").glob("checkpoint-*"))
+
+
+def test_a_time_budget_shortens_the_schedule_after_calibration(tmp_path):
+    result = run(tmp_path, "budget", "batch_size=2", "epochs=3", "time_budget_min=0.00001")
+    # Calibration takes 10 steps; the budget is then spent, so the run ends there with a checkpoint.
+    assert result.progress.step == 10
+    assert result.progress.planned_images == 20
+    assert result.weights.exists() and (result.output_dir / "checkpoint-00000010.safetensors").exists()

@@ -75,7 +75,7 @@ def decode_image(path: str | Path) -> torch.Tensor:
     except Exception as error:
         # Decoders raise many types on damaged files (OSError, ValueError, SyntaxError, EOFError...).
         raise UnreadableImageError(f"cannot read image {path}: {error}") from error
-    return torch.from_numpy(_to_unit_float(array)).permute(2, 0, 1).contiguous()  # [C, H, W]
+    return _to_unit_tensor(array)  # [C, H, W]
 
 
 def convert_channels(image: torch.Tensor, channels: Channels) -> torch.Tensor:
@@ -158,10 +158,11 @@ def _tiff_to_hwc(array: np.ndarray, axes: str) -> np.ndarray:
     return np.moveaxis(array, (axes.index("Y"), axes.index("X"), band), (0, 1, 2))
 
 
-def _to_unit_float(array: np.ndarray) -> np.ndarray:
-    """Float32 copy in [0, 1] for integer types (divided by the type's maximum); floats unchanged."""
-    if array.dtype == np.bool_:
-        return array.astype(np.float32)
-    if np.issubdtype(array.dtype, np.integer):
-        return array.astype(np.float32) / np.float32(np.iinfo(array.dtype).max)
-    return array.astype(np.float32)  # also makes a writable, native-byte-order copy for torch
+def _to_unit_tensor(array: np.ndarray) -> torch.Tensor:
+    """`[H, W, C]` array -> float32 `[C, H, W]`: integer types divided by their maximum, floats unchanged."""
+    chw = np.array(np.moveaxis(array, 2, 0), order="C")  # always a copy: PIL's arrays are read-only
+    if chw.dtype == np.uint8:  # the common case, about twice as fast when converted by torch
+        return torch.from_numpy(chw).float().div_(255)
+    scale = np.iinfo(chw.dtype).max if np.issubdtype(chw.dtype, np.integer) else 1
+    # astype also gives the native byte order torch needs (TIFFs may be big-endian).
+    return torch.from_numpy(chw.astype(np.float32) / np.float32(scale))

@@ -5,6 +5,11 @@ A checkpoint `checkpoint-<step>` is two files in the run's folder:
   metadata — loadable on its own by `openmae.load_checkpoint`;
 - `checkpoint-<step>.state.pt`: optimizer, grad scaler, progress and RNG states, plain tensors and
   numbers only, read back with `torch.load(weights_only=True)`.
+
+Both hold whole tensors under parameter names, whatever wrote them: one process, DDP, or FSDP (whose
+shards are gathered to rank 0 first). So a checkpoint resumes under any world size, with or without
+FSDP, and loads into a single-process model. The optimizer state is keyed by parameter name rather
+than by position (torch.distributed.checkpoint's "full state dict") for the same reason.
 """
 
 from __future__ import annotations
@@ -16,8 +21,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
+from openmae.distributed import is_sharded
 from openmae.interop import load_checkpoint, save_checkpoint
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
@@ -90,11 +104,15 @@ def save_run_checkpoint(
     training_state: dict,
     metadata: dict[str, str],
     keep_last: int | None = None,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write weights and training state for `step`; then drop all but the newest `keep_last`."""
+    """Write weights and training state for `step`; then drop all but the newest `keep_last`.
+
+    `model_state` replaces `model.state_dict()` (see `full_model_state` for a sharded model).
+    """
     weights, state = checkpoint_paths(out_dir, step)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, weights, metadata={**metadata, "step": str(step)})
+    save_checkpoint(model, weights, metadata={**metadata, "step": str(step)}, state_dict=model_state)
     tmp = state.with_name(state.name + ".tmp")
     torch.save({**training_state, "rng": rng_state()}, tmp)
     os.replace(tmp, state)
@@ -106,8 +124,47 @@ def save_run_checkpoint(
 
 
 def load_run_checkpoint(weights: str | Path, model: nn.Module) -> dict:
-    """Load weights into `model` and return the training state (RNG states already restored)."""
-    load_checkpoint(weights, model=model)
+    """Load weights into `model` and return the training state (RNG states already restored).
+
+    A sharded model takes its shard of the whole weights (every rank calls; each reads the file).
+    """
+    if is_sharded(model):
+        set_model_state_dict(model, load_file(weights), options=StateDictOptions(full_state_dict=True))
+    else:
+        load_checkpoint(weights, model=model)
     state = torch.load(state_path_for(weights), map_location="cpu", weights_only=True)
     set_rng_state(state.pop("rng"))
     return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole states of sharded models; collectives under FSDP, so every rank calls them.
+
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The whole weights of an FSDP-sharded `model` on rank 0 (`{}` elsewhere); None when not sharded."""
+    return get_model_state_dict(model, options=_GATHER) if is_sharded(model) else None
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict | None:
+    """The optimizer state keyed by parameter name, whole, on rank 0 (`{}` elsewhere).
+
+    None before the first step: asking torch for it then would take a zero step to create it.
+    """
+    if not optimizer.state:
+        return None
+    return get_optimizer_state_dict(model, optimizer, options=_GATHER)
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict | None) -> None:
+    """Load what `full_optimizer_state` gave into an optimizer over `model` (sharded or not)."""
+    if state is None:
+        return
+    if any(isinstance(key, int) for key in state["state"]):  # keyed by position: written before names
+        if is_sharded(model):
+            raise ValueError("this checkpoint's optimizer state is keyed by position; resume it without FSDP")
+        optimizer.load_state_dict(state)
+        return
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -3,7 +3,8 @@
 What differs between them is the `task` (a callable that turns a batch into a loss), the model, the
 optimizer and the hooks; the loop owns everything else: resumable data order, gradient
 accumulation, mixed precision, clipping, non-finite guards, the lr schedule, logging, checkpoints,
-and DDP (`no_sync` on non-final micro-steps).
+and scale-out: DDP (`no_sync` on non-final micro-steps) or FSDP2 (`fsdp=true`) under torchrun, and a
+clean stop with a checkpoint on SIGTERM. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -22,11 +23,18 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from openmae.distributed import DistInfo, all_reduce_sum
-from openmae.engine.checkpoint import load_run_checkpoint, save_run_checkpoint
+from openmae.distributed import DistInfo, GracefulStop, all_reduce_sum, ignore_sigterm, shard_model
+from openmae.engine.checkpoint import (
+    full_model_state,
+    full_optimizer_state,
+    load_optimizer_state,
+    load_run_checkpoint,
+    save_run_checkpoint,
+)
 from openmae.engine.optim import set_lr
 from openmae.engine.sampler import SeededDataset, SeededSampler, collate_seeded
 from openmae.engine.schedule import warmup_cosine_lr
+from openmae.interop import save_checkpoint
 from openmae.logging import RunLogger
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -53,7 +61,18 @@ class TrainConfig:
     max_nonfinite: int = field(default=5, metadata={"help": "non-finite losses in a row that stop the run"})
     output_dir: str = field(default="runs/run", metadata={"help": "folder for checkpoints, logs and config"})
     resume: str | None = field(default=None, metadata={"help": "checkpoint path, or 'auto' for the newest"})
+    time_budget_min: float | None = field(
+        default=None,
+        metadata={"help": "fit the run into this many minutes: after a short calibration the schedule is "
+                  "shortened to the images that fit (the run then depends on the machine's speed)"},
+    )  # fmt: skip
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (measured, optional)"})
+    fsdp: bool = field(
+        default=False, metadata={"help": "under torchrun: shard weights, grads, optimizer state (FSDP2)"}
+    )
+    activation_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute each block in the backward pass (less memory)"}
+    )
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.accum_iter < 1:
@@ -74,6 +93,7 @@ class Progress:
     images_in_epoch: int = 0
     step: int = 0
     images_seen: int = 0
+    planned_images: int = 0  # set by a time budget; 0 = epochs x epoch length
 
 
 @dataclass
@@ -88,14 +108,28 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def format_duration(seconds: float) -> str:
+    """`3725` -> `1:02:05`."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """fp16 needs a CUDA GPU (it relies on a grad scaler); say so before anything runs."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision fp16 needs a CUDA GPU (it uses a grad scaler), not {device}; use bf16")
+
+
 class Trainer:
     """Runs `task` over `dataset` for `cfg.epochs`, stepping `optimizer` on `model`.
 
     Args:
-        model: the single-device model (wrapped in DDP here when the run is distributed).
+        model: the single-device model, on its device (wrapped in DDP here when the run is distributed,
+            or sharded in place with `cfg.fsdp`).
         task: the loss of a batch.
         dataset: items `(image, label)` or None (unreadable); wrapped for a replayable order.
-        optimizer: built over `model`'s parameters.
+        optimizer: built over `model`'s parameters, not stepped yet.
         schedule: peak/min lr, warm-up and clipping.
         cfg: the loop's part of the run config.
         dist: rank, world size and device.
@@ -128,7 +162,9 @@ class Trainer:
         self.logger = logger
         self.metadata = metadata or {}
         self.on_epoch_end = on_epoch_end
-        self.model = model  # the plain module: checkpoints, evaluation
+        self.model = model  # without the DDP / compile wrappers: checkpoints, evaluation
+        # FSDP needs a process group; in a single process `fsdp` changes nothing.
+        self.sharded = cfg.fsdp and dist.enabled
         self.train_model = self._wrap(model)
         self.global_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
         self.sampler = SeededSampler(
@@ -146,21 +182,32 @@ class Trainer:
             collate_fn=collate_seeded,
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
+            worker_init_fn=ignore_sigterm,
         )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.progress = Progress()
         self.nonfinite_in_a_row = 0
+        self.stop = GracefulStop()
+        self.stop_agreed = False  # some rank got SIGTERM: all stop after this step
+        self.saved_step: int | None = None
+        self.saved_path: Path | None = None
 
     # ----------------------------------------------------------------------------------------
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        if self.cfg.precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision fp16 needs a CUDA GPU (it uses a grad scaler); use bf16 on CPU")
+        check_precision(self.cfg.precision, self.device)
+        if self.cfg.activation_checkpointing:
+            model.set_grad_checkpointing(True)
+        if self.sharded:
+            if self.cfg.precision == "fp16":
+                raise ValueError("fsdp runs in fp32 or bf16 (the fp16 grad scaler does not see shards)")
+            shard_model(model, self.optimizer, self.device)  # in place: self.model is sharded too
         if self.cfg.compile:
             model = torch.compile(model)
-        if self.dist.enabled:
+        if self.dist.enabled and not self.sharded:
             device_ids = [self.device] if self.device.type == "cuda" else None
-            model = DistributedDataParallel(model, device_ids=device_ids)
+            # Gradients as views into the all-reduce buckets: one copy of them instead of two.
+            model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
         return model
 
     @property
@@ -169,7 +216,26 @@ class Trainer:
 
     @property
     def total_images(self) -> int:
-        return self.cfg.epochs * self.epoch_images
+        return self.progress.planned_images or self.cfg.epochs * self.epoch_images
+
+    def plan_time_budget(self, started: float, first_step: int) -> None:
+        """After a few steps, shorten the schedule to the images that fit in `time_budget_min`."""
+        p, budget = self.progress, self.cfg.time_budget_min
+        calibration_steps = 10
+        if not budget or p.planned_images or p.step - first_step < calibration_steps:
+            return
+        elapsed = time.perf_counter() - started
+        rate = torch.tensor((p.step - first_step) * self.global_batch / elapsed)
+        rate = float(all_reduce_sum(rate)) / self.dist.world_size  # the same plan on every rank
+        fit = p.images_seen + rate * max(budget * 60 - elapsed, 0)
+        steps = max(int(min(fit, self.cfg.epochs * self.epoch_images)) // self.global_batch, 1)
+        planned = steps * self.global_batch
+        p.planned_images = max(planned, p.images_seen)
+        if self.dist.is_main:
+            tqdm.write(
+                f"time budget {budget:g} min at {rate:.0f} images/s: training for {p.planned_images} images "
+                f"({p.planned_images / self.epoch_images:.2f} epochs)"
+            )
 
     def lr_now(self) -> float:
         s = self.schedule
@@ -190,9 +256,9 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
 
     def resume(self, weights: str | Path) -> None:
-        """Continue from a checkpoint written by `save` (any world size)."""
+        """Continue from a checkpoint written by `save` (any world size, with or without FSDP)."""
         state = load_run_checkpoint(weights, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         if self.progress.images_in_epoch % self.global_batch:
@@ -202,27 +268,66 @@ class Trainer:
             )
 
     def save(self) -> Path | None:
-        """Checkpoint the current progress (rank 0 writes; every rank returns)."""
+        """Checkpoint the current progress. Every rank calls (FSDP gathers the shards); rank 0 writes."""
+        if self.saved_step == self.progress.step:  # e.g. a stop right after an epoch-end checkpoint
+            return self.saved_path
+        model_state = full_model_state(self.model)
+        optimizer_state = full_optimizer_state(self.model, self.optimizer)
         path = None
         if self.dist.is_main:
             state = {
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": optimizer_state,
                 "scaler": self.scaler.state_dict(),
                 "progress": vars(self.progress).copy(),
             }
             path = save_run_checkpoint(
-                self.cfg.output_dir, self.progress.step, self.model, state, self.metadata, self.cfg.keep_last
+                self.cfg.output_dir,
+                self.progress.step,
+                self.model,
+                state,
+                self.metadata,
+                self.cfg.keep_last,
+                model_state=model_state,
             )
+        self.saved_step, self.saved_path = self.progress.step, path
         return path
 
+    def save_weights(self, path: str | Path) -> Path | None:
+        """Write the model's weights alone (openmae safetensors, with the run's metadata).
+
+        Every rank calls (FSDP gathers the shards); rank 0 writes and returns the path, others None.
+        """
+        model_state = full_model_state(self.model)
+        if not self.dist.is_main:
+            return None
+        return save_checkpoint(self.model, path, metadata=self.metadata, state_dict=model_state)
+
     def fit(self) -> Progress:
-        """Train until `epochs` (or `max_steps`) is reached; checkpoint on the way and at a stop."""
-        while self.progress.epoch < self.cfg.epochs:
-            stopped = self.train_epoch()
-            if stopped:
-                self.save()
-                break
+        """Train until `epochs` (or `max_steps`) is reached; checkpoint on the way and at a stop.
+
+        SIGTERM (see `GracefulStop`) ends the run after the current step, on every rank at the same
+        step, with a checkpoint to resume from.
+        """
+        self.run_started, self.first_step = time.perf_counter(), self.progress.step
+        with self.stop:
+            while self.progress.epoch < self.cfg.epochs and self.progress.images_seen < self.total_images:
+                stopped = self.train_epoch()
+                if stopped:
+                    self.save()
+                    break
+        if self.stop_agreed and self.progress.epoch < self.cfg.epochs and self.dist.is_main:
+            print(
+                f"stopped by {self.stop.received.name if self.stop.received else 'a signal to another rank'} "
+                f"at step {self.progress.step}; checkpoint: {self.saved_path}; run the same command with "
+                "resume=auto to continue",
+                flush=True,
+            )
         return self.progress
+
+    @property
+    def finished(self) -> bool:
+        """All planned images seen (epochs done, or the time budget used)."""
+        return self.progress.images_seen >= self.total_images
 
     def reached_max_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps
@@ -232,7 +337,8 @@ class Trainer:
         p, cfg = self.progress, self.cfg
         self.sampler.set_epoch(p.epoch, start=p.images_in_epoch)
         self.train_model.train()
-        steps_left = (self.epoch_images - p.images_in_epoch) // self.global_batch
+        images_left = min(self.epoch_images - p.images_in_epoch, self.total_images - p.images_seen)
+        steps_left = images_left // self.global_batch
         bar = tqdm(
             total=steps_left,
             desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
@@ -246,10 +352,13 @@ class Trainer:
         epoch_start = interval_start = time.perf_counter()
         micro_batches = iter(self.loader)
         for _ in range(steps_left):
-            if self.reached_max_steps():
+            if p.images_seen >= self.total_images:  # a time budget shortened the run
+                break
+            if self.reached_max_steps() or self.stop_agreed:
                 bar.close()
                 return True
             loss, step_skipped = self.optimizer_step(micro_batches)
+            self.plan_time_budget(self.run_started, self.first_step)
             skipped += step_skipped
             steps_done += 1
             interval_steps += 1
@@ -265,10 +374,12 @@ class Trainer:
                     "lr": self.lr,
                     "images_per_s": interval_steps * self.global_batch / max(elapsed, 1e-9),
                 }
+                run_left_s = (self.total_images - p.images_seen) / max(metrics["images_per_s"], 1e-9)
                 bar.set_postfix(
                     loss=f"{metrics['loss']:.4f}",
                     lr=f"{metrics['lr']:.2e}",
                     img_s=f"{metrics['images_per_s']:.0f}",
+                    run_left=format_duration(run_left_s),
                 )
                 self.logger.log(metrics, p.step)
                 interval_loss.zero_()
@@ -293,7 +404,7 @@ class Trainer:
             tqdm.write(summary)
             if skipped := epoch_metrics["skipped_images"]:
                 warnings.warn(f"{skipped} unreadable image(s) were skipped in epoch {p.epoch}", stacklevel=2)
-        if p.epoch % cfg.save_every == 0 or p.epoch == cfg.epochs:
+        if p.epoch % cfg.save_every == 0 or p.epoch == cfg.epochs or self.finished:
             self.save()
         return False
 
@@ -310,7 +421,10 @@ class Trainer:
             if images.numel() == 0:
                 continue
             last = micro == cfg.accum_iter - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+            # DDP all-reduces only on the last micro-step. FSDP reduce-scatters on every one: skipping
+            # it would keep whole (unsharded) gradients, the memory FSDP is there to save.
+            ddp = self.dist.enabled and not self.sharded
+            sync = self.train_model.no_sync() if ddp and not last else contextlib.nullcontext()
             with sync:
                 with self.autocast():
                     loss, _ = self.task(self.train_model, (images, labels, seeds), self.device)
@@ -319,7 +433,8 @@ class Trainer:
         p.images_in_epoch += self.global_batch
         p.images_seen += self.global_batch
         p.step += 1
-        if not self.check_finite(total):
+        nonfinite, self.stop_agreed = self.agree_on_flags(total)
+        if not self.check_finite(nonfinite):
             self.optimizer.zero_grad(set_to_none=True)
             return None, skipped
         if self.schedule.clip_grad:
@@ -330,14 +445,23 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return total, skipped
 
-    def check_finite(self, loss: torch.Tensor) -> bool:
-        """False (and a warning) for a non-finite loss; too many in a row stop the run."""
-        nonfinite = all_reduce_sum((~torch.isfinite(loss)).float())  # every rank skips together
-        if not bool(nonfinite):
+    def agree_on_flags(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(non-finite loss on some rank, SIGTERM on some rank), the same on every rank.
+
+        One small all-reduce per step, so all ranks skip the same steps and stop at the same one.
+        """
+        flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(self.stop.requested))])
+        nonfinite, stop = all_reduce_sum(flags.to(self.device)).tolist()
+        return nonfinite > 0, stop > 0
+
+    def check_finite(self, nonfinite: bool) -> bool:
+        """False (and a warning) after a non-finite loss; too many in a row stop the run."""
+        if not nonfinite:
             self.nonfinite_in_a_row = 0
             return True
         self.nonfinite_in_a_row += 1
-        warnings.warn(f"non-finite loss at step {self.progress.step}: the step is skipped", stacklevel=2)
+        if self.dist.is_main:
+            warnings.warn(f"non-finite loss at step {self.progress.step}: the step is skipped", stacklevel=2)
         if self.nonfinite_in_a_row >= self.cfg.max_nonfinite:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_a_row} non-finite losses in a row (last at step {self.progress.step}); "

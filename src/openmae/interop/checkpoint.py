@@ -60,7 +60,12 @@ Kind = Literal["mae", "encoder", "classifier"]
 # openmae's format.
 
 
-def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def save_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write a model's weights and config as an openmae safetensors file, atomically.
 
     Args:
@@ -68,6 +73,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, str]
         path: destination file; its folder is created if needed.
         metadata: extra strings to store (e.g. `{"step": "100"}`); the keys `format`, `version`,
             `model_class` and `config` are openmae's own.
+        state_dict: the weights to write instead of `model.state_dict()`, under the same names
+            (e.g. the full weights gathered from an FSDP-sharded `model`).
 
     Raises:
         ValueError: on non-finite weights (nothing is written) or bad metadata.
@@ -81,7 +88,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, metadata: dict[str, str]
     not_str = [k for k, v in extra.items() if not (isinstance(k, str) and isinstance(v, str))]
     if not_str:
         raise ValueError(f"metadata must map strings to strings; not so for {not_str}")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if nonfinite:
         raise ValueError(f"refusing to save non-finite weights (NaN or inf) in {nonfinite[:8]}")

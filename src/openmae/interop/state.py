@@ -26,14 +26,11 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare model inside DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        inner = next(
-            (m for name in ("_orig_mod", "module") if isinstance(m := getattr(model, name, None), nn.Module)),
-            None,
-        )
-        if inner is None:
-            return model
-        model = inner
+    for name in ("_orig_mod", "module"):
+        inner = getattr(model, name, None)
+        if isinstance(inner, nn.Module):
+            return unwrap_model(inner)
+    return model
 
 
 def strip_wrapper_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

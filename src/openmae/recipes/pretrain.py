@@ -18,12 +18,11 @@ from openmae.data import DataConfig, build_dataset, build_loader, dataset_mean_s
 from openmae.distributed import init_distributed
 from openmae.engine.checkpoint import resolve_resume
 from openmae.engine.evaluate import reconstruction_error
-from openmae.engine.loop import Progress, Schedule, TrainConfig, Trainer
+from openmae.engine.loop import Progress, Schedule, TrainConfig, Trainer, check_precision
 from openmae.engine.optim import OptimConfig, build_optimizer
 from openmae.engine.sampler import noise_from_seeds
 from openmae.engine.schedule import absolute_lr
 from openmae.errors import UsageError
-from openmae.interop import save_checkpoint
 from openmae.logging import RunLogger
 from openmae.models import MaskedAutoencoder, create_model
 
@@ -93,6 +92,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         train_set = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=True)
         heldout = heldout_loader(cfg, img_size, in_chans)
         resume_from = resolve_resume(cfg.resume, cfg.output_dir)
+        check_precision(cfg.precision, dist.device)
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from error
 
@@ -114,10 +114,10 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     eval_metrics: dict = {}
 
     def on_epoch_end(epoch: int) -> dict:
-        last = epoch + 1 == cfg.epochs
+        last = trainer.finished
         if (
             heldout is None
-            or not dist.is_main
+            or not (dist.is_main or trainer.sharded)  # a sharded model needs every rank in its forward
             or not cfg.vis_every
             or not ((epoch + 1) % cfg.vis_every == 0 or last)
         ):
@@ -147,8 +147,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
             )
     progress = trainer.fit()
     weights = out_dir / "model.safetensors"
-    if dist.is_main:
-        save_checkpoint(model, weights, metadata=metadata)
+    trainer.save_weights(weights)  # every rank: FSDP gathers the shards; rank 0 writes
     logger.close()
     return PretrainResult(out_dir, weights, progress, eval_metrics)
 
@@ -169,11 +168,11 @@ def log_reconstructions(logger: RunLogger, model, loader: DataLoader, mean, std,
     from openmae import viz
 
     imgs = next(iter(loader))[0][:8].to(next(model.parameters()).device)
-    logger.image("reconstructions", viz.grid_tensor(model, imgs, mean, std, seed=0), epoch + 1)
+    # One forward on every rank that calls this (all of them when the model is sharded), then rank 0 writes.
+    grid = viz.reconstruction_grid(model, imgs, mean, std, seed=0)
+    logger.image("reconstructions", viz.image_to_tensor(grid), epoch + 1)
     if logger.enabled:
-        viz.save_reconstruction_grid(
-            model, imgs, logger.out_dir / f"reconstructions-epoch{epoch + 1:04d}.png", mean, std
-        )
+        grid.save(logger.out_dir / f"reconstructions-epoch{epoch + 1:04d}.png", format="PNG")
 
 
 __all__ = ["PretrainConfig", "PretrainResult", "pretrain"]
