@@ -113,3 +113,24 @@ def test_visualize_writes_a_grid_for_given_images_and_for_the_dataset(tmp_path):
     )
     assert PILImage.open(out2).size == viz.grid_size_px(2, 32, 32, viz.auto_scale(32, 32))
     assert main(["visualize", "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
+
+
+def test_demo_runs_end_to_end_on_small_settings(tmp_path, capsys):
+    out = tmp_path / "demo"
+    args = ["model=mae_vit_debug", "data.dataset=synthetic", "data.synthetic_size=16", "data.num_workers=0",
+            "batch_size=8", "epochs=1", f"output_dir={out}", "time_budget_min=null", "--test-images", "8"]  # fmt: skip
+    assert main(["demo", *args]) == 0
+    results = json.loads((out / "demo_results.json").read_text())
+    assert results["test_images"] == 8 and results["masked_mse"] > 0 and results["baseline_mse"] > 0
+    assert (out / "reconstructions.png").exists()
+    assert "baseline" in capsys.readouterr().out
+
+
+def test_stats_prints_mean_and_std_of_a_folder(tmp_path, capsys):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    for i, value in enumerate([0, 255]):
+        Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(folder / f"{i}.png")
+    assert main(["stats", f"path={folder}", "num_workers=0"]) == 0
+    out = capsys.readouterr().out
+    assert "data.mean=[0.5000, 0.5000, 0.5000]" in out and "data.std=[0.5000, 0.5000, 0.5000]" in out

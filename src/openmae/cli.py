@@ -140,6 +140,53 @@ def bench_command(argv: list[str]) -> int:
     return bench.main(argv)
 
 
+@command("linprobe", "train a linear probe on a frozen encoder (BatchNorm + linear head, LARS)")
+def linprobe_command(argv: list[str]) -> int:
+    from openmae.config import parse_config_cli
+    from openmae.recipes.classify import LinprobeConfig, linprobe
+
+    parser = _parser("linprobe", "Linear probing; checkpoint=none model=NAME probes a random encoder.")
+    linprobe(parse_config_cli(LinprobeConfig, argv, parser=parser, find_config=shipped_config))
+    return 0
+
+
+@command("finetune", "fine-tune an encoder end to end, or its last blocks (trainable_blocks=k)")
+def finetune_command(argv: list[str]) -> int:
+    from openmae.config import parse_config_cli
+    from openmae.recipes.classify import FinetuneConfig, finetune
+
+    parser = _parser("finetune", "Fine-tuning; checkpoint=none model=NAME trains from scratch.")
+    finetune(parse_config_cli(FinetuneConfig, argv, parser=parser, find_config=shipped_config))
+    return 0
+
+
+@command("knn", "k-NN accuracy of an encoder's frozen features (k=20, cosine, T=0.07)")
+def knn_command(argv: list[str]) -> int:
+    from openmae.config import parse_config_cli
+    from openmae.recipes.knn import KnnConfig, knn
+
+    parser = _parser("knn", "Weighted k-NN on frozen features.")
+    metrics = knn(parse_config_cli(KnnConfig, argv, parser=parser))
+    print(
+        f"k-NN top-1 {metrics['knn_top1']:.2f}%, top-5 {metrics['knn_top5']:.2f}% "
+        f"({metrics['query_images']} queries, {metrics['bank_images']} in the bank)"
+    )
+    return 0
+
+
+@command("eval", "top-1 / top-5 of a classifier checkpoint on labelled images")
+def eval_command(argv: list[str]) -> int:
+    from openmae.config import parse_config_cli
+    from openmae.recipes.classify import EvalConfig, evaluate
+
+    metrics = evaluate(parse_config_cli(EvalConfig, argv, parser=_parser("eval", "Score a classifier.")))
+    print(
+        f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, loss {metrics['loss']:.4f} "
+        f"on {metrics['images']} images"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = argparse.ArgumentParser(prog="mae", description="Masked autoencoders for vision transformers.")

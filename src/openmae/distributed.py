@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -175,6 +176,8 @@ def shard_model(model: nn.Module, optimizer: torch.optim.Optimizer, device: torc
 
     if optimizer.state:
         raise RuntimeError("shard the model before the optimizer's first step (its state would be lost)")
+    # FSDP warns that the root returns views (MAEOutput.pred is one); no task edits outputs in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     names = {id(p): name for name, p in model.named_parameters()}
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for module in model.modules():

@@ -101,6 +101,9 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match="no images"):
         ImageFolderDataset(tmp_path / "empty")
+    save_rgb(tmp_path / "flat" / "x.png")
+    with pytest.raises(FileNotFoundError, match="class sub-folders"):
+        ImageFolderDataset(tmp_path / "flat", labels="folders")
 
 
 def test_unreadable_files_return_none_and_warn_once(tmp_path):

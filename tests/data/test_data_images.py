@@ -1,5 +1,7 @@
 """Decoding image files to float [C, H, W] in [0, 1], and channel conversion."""
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,15 @@ def test_six_band_uint16_tiff(tmp_path, layout):
         tifffile.imwrite(tmp_path / "s.tif", bands, photometric="minisblack")
     image = read_image(tmp_path / "s.tif")
     torch.testing.assert_close(image, torch.from_numpy(bands.astype(np.float32) / 65535))
+
+
+def test_tiff_read_by_pil_when_tifffile_is_missing(tmp_path, monkeypatch):
+    array = rgb_array()
+    tifffile.imwrite(tmp_path / "rgb.tif", array, photometric="rgb")
+    monkeypatch.setitem(sys.modules, "tifffile", None)  # makes `import tifffile` raise ImportError
+    torch.testing.assert_close(
+        read_image(tmp_path / "rgb.tif"), torch.from_numpy(array).permute(2, 0, 1) / 255
+    )
 
 
 def test_float_tiff_is_kept_as_stored(tmp_path):

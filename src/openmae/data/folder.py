@@ -97,7 +97,8 @@ class ImageFolderDataset(Dataset):
                     )
                 samples.extend((path, index[name]) for path in find_images(self.root / name))
         if not samples:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {self.root}")
+            where = "the class sub-folders of " if labels == "folders" else ""
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {where}{self.root}")
         return samples
 
     @property

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
 from openmae.models.mae import MaskedAutoencoder
@@ -58,3 +60,45 @@ def baseline_prediction(patches: torch.Tensor, mask: torch.Tensor, channels: int
     visible_pixels = (visible.sum(dim=(1, 2)) * (D // channels)).clamp(min=1)  # [B, 1]
     mean = (pixels * visible).sum(dim=(1, 2)) / visible_pixels  # [B, C]
     return mean[:, None, None, :].expand(B, L, D // channels, channels).reshape(B, L, D)
+
+
+def topk_accuracy(
+    scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
+    """Percent of rows of `scores` `[N, classes]` whose label is among the `k` highest, per `k` in `ks`.
+
+    Returns `{"top1": ..., "top5": ...}`; a `k` of at least the number of classes counts every row.
+    """
+    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # [N, kmax]
+    hits = ranked == labels[:, None]  # [N, kmax]
+    return {f"top{k}": 100.0 * float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
+
+
+@torch.no_grad()
+def classification_metrics(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """Cross-entropy, top-1 and top-5 accuracy (percent) of a classifier over every item of `loader`.
+
+    `loader` yields `(inputs, labels, ...)`; the model is evaluated in eval mode, then put back.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    correct = torch.zeros(2, dtype=torch.float64)  # top-1, top-5
+    for batch in loader:
+        inputs, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if inputs.numel() == 0:
+            continue
+        logits = model(inputs).float()  # [B, classes]
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices  # [B, 5]
+        hits = ranked == labels[:, None]
+        correct += torch.stack([hits[:, :1].any(1).sum(), hits.any(1).sum()]).double().cpu()
+        count += len(labels)
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("no labelled images to evaluate")
+    return {
+        "loss": loss_sum / count,
+        "top1": 100.0 * float(correct[0]) / count,
+        "top5": 100.0 * float(correct[1]) / count,
+    }

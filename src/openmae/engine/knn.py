@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from openmae.engine.evaluate import topk_accuracy
 from openmae.engine.features import Pool, extract_features
 from openmae.models.vit import VisionTransformer
 
@@ -44,16 +45,6 @@ def knn_scores(
     return torch.cat(scores)
 
 
-def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
-    """Percent of rows whose label is among the `k` highest scores, as `{"top1": ..., "top5": ...}`.
-
-    `k` larger than the number of classes counts every row as correct.
-    """
-    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # [N, kmax]
-    hits = ranked == labels[:, None]  # [N, kmax]
-    return {f"top{k}": 100.0 * float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
-
-
 def knn_accuracy(
     model: VisionTransformer,
     train_loader: DataLoader,
@@ -64,7 +55,7 @@ def knn_accuracy(
     temperature: float = 0.07,
     pool: Pool = "token",
 ) -> dict[str, float]:
-    """k-NN top-1 / top-5 (percent) of `val_loader`'s images against `train_loader`'s, on `model`'s features."""
+    """k-NN top-1 / top-5 (percent) of `val_loader` against a bank of `train_loader`'s features."""
     bank, bank_labels = extract_features(model, train_loader, device, pool, desc="k-NN bank")
     queries, labels = extract_features(model, val_loader, device, pool, desc="k-NN queries")
     scores = knn_scores(bank, bank_labels, queries, num_classes, k, temperature)

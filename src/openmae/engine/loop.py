@@ -368,6 +368,8 @@ class Trainer:
             bar.update(1)
             if p.step % cfg.log_every == 0:
                 elapsed = time.perf_counter() - interval_start
+                # The loss of the global batch: every rank reaches this line at the same step.
+                interval_loss = all_reduce_sum(interval_loss) / self.dist.world_size
                 metrics = {
                     "epoch": p.epoch + p.images_in_epoch / self.epoch_images,
                     "loss": float(interval_loss) / interval_steps,

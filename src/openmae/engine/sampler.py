@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from openmae.data.loader import collate_skip
+
 
 def sample_seed(seed: int, epoch: int, position: int) -> int:
     """A 63-bit seed for the sample at `position` of `epoch` (hash of ints is stable across runs)."""
@@ -129,13 +131,10 @@ def noise_from_seeds(seeds: torch.Tensor, num_patches: int, device: torch.device
 
 
 def collate_seeded(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Stack `(image, label, seed)` items, dropping unreadable ones (None) and counting them.
+    """`collate_skip` for `(image, label, seed)` items: unreadable ones (None) dropped and counted.
 
     Returns `(images [B, C, H, W], labels [B], seeds [B], num_skipped)`.
     """
-    items = [item for item in batch if item is not None]
-    skipped = len(batch) - len(items)
-    if not items:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped
-    images, labels, seeds = zip(*items, strict=True)
-    return torch.stack(images), torch.as_tensor(labels), torch.as_tensor(seeds, dtype=torch.long), skipped
+    collated = collate_skip([None if item is None else item[:2] for item in batch])
+    seeds = torch.as_tensor([item[2] for item in batch if item is not None], dtype=torch.long)
+    return collated.images, collated.labels, seeds, collated.num_skipped
