@@ -104,6 +104,23 @@ def hand_norm_pix(patches: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def test_decoder_positions_tell_hidden_patches_apart() -> None:
+    # Every hidden patch enters the decoder as the same mask token and attention is permutation
+    # equivariant, so only the decoder's position embedding can make their predictions differ.
+    model, imgs = make_model(), images()
+    masking = random_masking(noise(), 0.75)
+    with torch.no_grad():
+        latent = model.forward_encoder(imgs, masking)
+        pred = model.forward_decoder(latent, masking)  # [B, L, P*P*C]
+        model.decoder_pos_embed.zero_()
+        pred_without_positions = model.forward_decoder(latent, masking)
+    hidden = masking.mask[0].bool()
+    assert pred[0, hidden].std(dim=0).min() > 1e-4
+    torch.testing.assert_close(
+        pred_without_positions[0, hidden].std(dim=0), torch.zeros(192), atol=1e-5, rtol=0
+    )
+
+
 def test_mask_ratio_zero_gives_zero_loss_not_nan() -> None:
     model = make_model()
     out = model(images(), mask_ratio=0.0)

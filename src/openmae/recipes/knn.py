@@ -1,6 +1,7 @@
 """`mae knn`: weighted k-NN accuracy of an encoder's frozen features (k=20, cosine, T=0.07).
 
 The memory bank is the training split (eval transform), the queries the validation split.
+`KnnMonitor` runs the same measurement every few epochs of pretraining (`knn_every`).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from openmae.data import DataConfig, build_dataset, build_loader
 from openmae.distributed import init_distributed
 from openmae.engine.features import Pool
 from openmae.engine.knn import knn_accuracy
 from openmae.errors import UsageError
+from openmae.models.vit import VisionTransformer
 from openmae.recipes.classify import build_encoder, num_classes_of, random_subset
 
 
@@ -90,4 +93,42 @@ def knn(cfg: KnnConfig) -> dict:
     return metrics
 
 
-__all__ = ["KnnConfig", "knn"]
+class KnnMonitor:
+    """k-NN accuracy of the encoder every `every` epochs of pretraining (and after the last one).
+
+    Built from the pretraining config (`knn_every`, `knn_images`): the memory bank is a fixed
+    random subset of the labelled training images, the queries one of the validation images, both
+    with the evaluation transform.
+    """
+
+    def __init__(self, every: int, bank: DataLoader, queries: DataLoader, num_classes: int) -> None:
+        self.every = every
+        self.bank = bank
+        self.queries = queries
+        self.num_classes = num_classes
+
+    @classmethod
+    def from_config(cls, cfg, img_size, in_chans: int) -> KnnMonitor | None:
+        """None when `cfg.knn_every` is 0. Raises ValueError for data without labels or validation."""
+        if not cfg.knn_every:
+            return None
+        bank = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=False)
+        queries = build_dataset(cfg.data, "val", img_size, in_chans, train_transform=False)
+        if queries is None:
+            raise ValueError("knn_every needs validation images (data.val_path for folders)")
+        num_classes = num_classes_of(bank)
+        bank, queries = (
+            random_subset(bank, cfg.knn_images, cfg.seed),
+            random_subset(queries, cfg.knn_images, cfg.seed),
+        )
+        batch = min(256, cfg.knn_images)
+        return cls(cfg.knn_every, build_loader(bank, batch), build_loader(queries, batch), num_classes)
+
+    def __call__(self, model: VisionTransformer, epoch: int, last: bool, device: torch.device) -> dict:
+        """`{"knn_top1", "knn_top5"}` when epoch `epoch` (0-based) is due, else `{}`."""
+        if not ((epoch + 1) % self.every == 0 or last):
+            return {}
+        return knn_accuracy(model, self.bank, self.queries, device, self.num_classes)
+
+
+__all__ = ["KnnConfig", "KnnMonitor", "knn"]

@@ -25,6 +25,7 @@ from openmae.engine.schedule import absolute_lr
 from openmae.errors import UsageError
 from openmae.logging import RunLogger
 from openmae.models import MaskedAutoencoder, create_model
+from openmae.recipes.knn import KnnMonitor
 
 
 @dataclass
@@ -38,6 +39,12 @@ class PretrainConfig(TrainConfig):
     eval_images: int = field(default=512, metadata={"help": "held-out images for reconstruction error"})
     vis_every: int = field(
         default=5, metadata={"help": "epochs between held-out evaluation + images (0: off)"}
+    )
+    knn_every: int = field(
+        default=0, metadata={"help": "epochs between k-NN accuracy checks on labelled data (0: off)"}
+    )
+    knn_images: int = field(
+        default=5000, metadata={"help": "k-NN memory-bank images (and at most as many queries)"}
     )
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -91,6 +98,9 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         img_size, in_chans = model.config.img_size, model.config.in_chans
         train_set = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=True)
         heldout = heldout_loader(cfg, img_size, in_chans)
+        knn_monitor = KnnMonitor.from_config(cfg, img_size, in_chans)
+        if knn_monitor is not None and cfg.fsdp:
+            raise ValueError("knn_every runs the encoder on rank 0 alone: it does not work with fsdp")
         resume_from = resolve_resume(cfg.resume, cfg.output_dir)
         check_precision(cfg.precision, dist.device)
     except (ValueError, FileNotFoundError) as error:
@@ -126,6 +136,12 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         log_reconstructions(logger, model, heldout, mean, std, epoch)
         return dict(eval_metrics)
 
+    def on_epoch_end_with_knn(epoch: int) -> dict:
+        metrics = on_epoch_end(epoch)
+        if knn_monitor is not None and dist.is_main:
+            metrics |= knn_monitor(model, epoch, trainer.finished, dist.device)
+        return metrics
+
     trainer = Trainer(
         model,
         PretrainTask(model.num_patches, per_sample_noise=cfg.mask_sampling == "random"),
@@ -137,7 +153,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         logger,
         num_workers=cfg.data.resolved_num_workers(),
         metadata=metadata,
-        on_epoch_end=on_epoch_end,
+        on_epoch_end=on_epoch_end_with_knn,
     )
     if resume_from is not None:
         trainer.resume(resume_from)

@@ -1,0 +1,139 @@
+"""`mae linprobe | finetune | eval | knn` end to end: debug model, synthetic images, a few steps."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from openmae import create_model
+from openmae.cli import main
+from openmae.interop import load_checkpoint, save_checkpoint
+
+DATA = ["data.dataset=synthetic", "data.synthetic_size=32", "data.num_workers=0", "device=cpu"]
+TRAIN = [*DATA, "epochs=2", "batch_size=8", "log_every=1", "optim.warmup_epochs=0.5"]
+
+
+@pytest.fixture(scope="module")
+def mae_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("mae") / "mae.safetensors"
+    save_checkpoint(create_model("mae_vit_debug"), path)
+    return path
+
+
+def encoder_weights(state):
+    return {
+        k: v
+        for k, v in state.items()
+        if not k.startswith(("decoder_", "mask_token", "head", "norm", "fc_norm"))
+    }
+
+
+def epoch_records(folder):
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "train_loss" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("augment", [False, True])
+def test_linprobe_leaves_every_encoder_weight_unchanged_and_writes_a_plain_classifier(
+    tmp_path, mae_checkpoint, augment
+):
+    out = tmp_path / "lp"
+    code = main(
+        ["linprobe", *TRAIN, f"checkpoint={mae_checkpoint}", f"augment={augment}", f"output_dir={out}"]
+    )
+    assert code == 0
+    before, after = load_file(mae_checkpoint), load_file(out / "model.safetensors")
+    encoder = encoder_weights(before)
+    assert encoder and all(torch.equal(after[k], v) for k, v in encoder.items())
+    assert torch.equal(after["norm.weight"], before["norm.weight"])  # the final norm is frozen too
+    assert "head.0.running_var" in load_file(out / "checkpoint-00000008.safetensors")  # resumable as trained
+    classifier = load_checkpoint(out / "model.safetensors")  # BatchNorm folded: a plain linear head
+    assert isinstance(classifier.head, torch.nn.Linear) and classifier.head.out_features == 10
+    epochs = epoch_records(out)
+    assert [r["epoch"] for r in epochs] == [1, 2] and all("val_top1" in r and "val_top5" in r for r in epochs)
+    results = json.loads((out / "results.json").read_text())
+    assert 0 <= results["final"]["top1"] <= results["final"]["top5"] <= 100
+    assert (out / "best.safetensors").exists()
+
+
+def test_eval_scores_a_saved_classifier_as_the_run_did(tmp_path, mae_checkpoint, capsys):
+    out = tmp_path / "lp"
+    assert main(["linprobe", *TRAIN, "epochs=1", f"checkpoint={mae_checkpoint}", f"output_dir={out}"]) == 0
+    final = json.loads((out / "results.json").read_text())["final"]
+    scores = tmp_path / "eval.json"
+    assert main(["eval", *DATA, f"checkpoint={out / 'model.safetensors'}", f"output={scores}"]) == 0
+    metrics = json.loads(scores.read_text())
+    assert metrics["images"] == 32
+    assert metrics["top1"] == pytest.approx(final["top1"]) and metrics["top5"] == pytest.approx(final["top5"])
+    assert "top-1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_finetune_with_mixup_trains_every_block_and_keeps_the_best_checkpoint(tmp_path, mae_checkpoint):
+    out = tmp_path / "ft"
+    code = main(["finetune", *TRAIN, f"checkpoint={mae_checkpoint}", f"output_dir={out}", "drop_path=0.1"])
+    assert code == 0
+    before, after = load_file(mae_checkpoint), load_file(out / "model.safetensors")
+    for key in (
+        "patch_embed.proj.weight",
+        "blocks.0.attn.qkv.weight",
+        "blocks.1.mlp.fc2.weight",
+        "head.weight",
+    ):
+        assert not torch.equal(after[key], before.get(key, torch.zeros_like(after[key]))), key
+    assert "norm.weight" not in after and "fc_norm.weight" in after  # average pooling, as the recipe says
+    best = load_checkpoint(out / "best.safetensors")
+    assert best.config.global_pool == "avg" and best.config.num_classes == 10
+    assert all("val_top1" in r for r in epoch_records(out))
+
+
+def test_partial_finetune_updates_only_the_last_block(tmp_path, mae_checkpoint):
+    out = tmp_path / "partial"
+    args = [
+        *TRAIN,
+        "epochs=1",
+        f"checkpoint={mae_checkpoint}",
+        f"output_dir={out}",
+        "trainable_blocks=1",
+        "mixup=0",
+    ]
+    assert main(["finetune", *args]) == 0
+    before, after = load_file(mae_checkpoint), load_file(out / "model.safetensors")
+    for key, value in encoder_weights(before).items():
+        frozen = not key.startswith("blocks.1.")
+        assert torch.equal(after[key], value) == frozen, key
+
+
+def test_from_scratch_baselines_and_reference_checkpoints(tmp_path, mae_checkpoint, capsys):
+    # checkpoint=none: a random init of a named size (the from-scratch baseline).
+    assert main(["knn", *DATA, "checkpoint=none", "model=mae_vit_debug", "k=5"]) == 0
+    assert "k-NN top-1" in capsys.readouterr().out
+    # A reference-code training checkpoint (`{"model": state_dict}` in a .pth) is read too.
+    reference = tmp_path / "checkpoint-799.pth"
+    torch.save({"model": load_file(mae_checkpoint), "epoch": 799}, reference)
+    scores = tmp_path / "knn.json"
+    assert main(["knn", *DATA, f"checkpoint={reference}", "num_heads=2", "pool=avg", f"output={scores}"]) == 0
+    metrics = json.loads(scores.read_text())
+    assert metrics["bank_images"] == metrics["query_images"] == 32
+    assert 0 <= metrics["knn_top1"] <= metrics["knn_top5"] <= 100
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "message"),
+    [
+        ("linprobe", ["checkpoint=none"], "model=NAME"),
+        ("finetune", ["checkpoint=/no/such.safetensors"], "/no/such.safetensors"),
+        ("finetune", ["checkpoint=none", "model=mae_vit_debug", "batch_size=7"], "even"),
+        ("eval", ["checkpoint=none"], "none"),
+    ],
+)
+def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, capsys, command, args, message):
+    out = [] if command == "eval" else [f"output_dir={tmp_path / 'run'}"]
+    code = main([command, *DATA, *args, *out])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
