@@ -102,6 +102,25 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+class PeerFailureError(RuntimeError):
+    """A collective failed on this rank because another rank of the job died or hung."""
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether `error` came out of a collective (gloo's are plain RuntimeErrors naming gloo)."""
+    return isinstance(error, dist.DistError) or "gloo" in str(error).lower()
+
+
+def peer_failure(rank: int, error: BaseException) -> PeerFailureError:
+    """The error to raise instead of a collective's: what happened and where to look."""
+    first_line = str(error).splitlines()[0][:160] if str(error) else type(error).__name__
+    return PeerFailureError(
+        f"rank {rank}: lost contact with the other processes of the job ({first_line}). "
+        "Another rank most likely died or hung: its own error, and the 'Root Cause' in torchrun's "
+        "summary, say why. This rank stops too; resume from the last checkpoint with resume=auto."
+    )
+
+
 # ------------------------------------------------------------------------------------------------
 # Evaluation over all ranks: every validation sample is seen by exactly one rank, once.
 

@@ -4,20 +4,46 @@
 every rank exactly as `torchrun -m openmae pretrain` does. Before, each rank writes its pid to
 `<output_dir>/pid-rank<R>` (so a test can kill one); after, it prints `DONE rank=R code=C`, so a
 test can tell a finished run from one that crashed, whatever the launcher's exit code says.
+
+With `CHECK_COLLECTIVES=1` in the environment each rank then also runs the evaluation helpers of
+`openmae.distributed` on a small index set, in the run's process group, and prints what it got
+(`COLLECTIVES {json}`).
 """
 
+import json
 import os
 import sys
 from pathlib import Path
 
-from openmae.cli import main
 
-if __name__ == "__main__":
-    rank = int(os.environ.get("RANK", "0"))
-    out_dirs = [arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("output_dir=")]
+def check_collectives() -> int:
+    import torch
+
+    from openmae import distributed as d
+
+    info = d.init_distributed("cpu")
+    indices = torch.tensor(list(d.ShardedEvalSampler(11)))  # shards of 6 and 5 samples
+    sums = d.all_reduce_sum(torch.tensor([float(indices.sum()), float(len(indices))]))
+    rows = d.all_gather_cat(torch.stack([indices, indices * 10], dim=1))  # [N_r, 2] -> [11, 2]
+    result = {"rank": info.rank, "sums": sums.tolist(), "rows": rows.tolist()}
+    print("COLLECTIVES " + json.dumps(result), flush=True)
+    d.cleanup()
+    return 0
+
+
+def run_cli(argv: list[str]) -> int:
+    from openmae.cli import main
+
+    out_dirs = [arg.split("=", 1)[1] for arg in argv if arg.startswith("output_dir=")]
     if out_dirs:
         Path(out_dirs[-1]).mkdir(parents=True, exist_ok=True)
-        (Path(out_dirs[-1]) / f"pid-rank{rank}").write_text(str(os.getpid()))
-    code = main(sys.argv[1:])
-    print(f"DONE rank={rank} code={code}", flush=True)
+        (Path(out_dirs[-1]) / f"pid-rank{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
+    return main(argv)
+
+
+if __name__ == "__main__":
+    code = run_cli(sys.argv[1:])
+    if code == 0 and os.environ.get("CHECK_COLLECTIVES") == "1":
+        code = check_collectives()
+    print(f"DONE rank={os.environ.get('RANK', '0')} code={code}", flush=True)
     sys.exit(code)

@@ -35,7 +35,6 @@ def epoch_records(folder):
     return [r for r in lines if "train_loss" in r]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("augment", [False, True])
 def test_linprobe_leaves_every_encoder_weight_unchanged_and_writes_a_plain_classifier(
     tmp_path, mae_checkpoint, augment
@@ -71,7 +70,6 @@ def test_eval_scores_a_saved_classifier_as_the_run_did(tmp_path, mae_checkpoint,
     assert "top-1" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_finetune_with_mixup_trains_every_block_and_keeps_the_best_checkpoint(tmp_path, mae_checkpoint):
     out = tmp_path / "ft"
     code = main(["finetune", *TRAIN, f"checkpoint={mae_checkpoint}", f"output_dir={out}", "drop_path=0.1"])
@@ -107,6 +105,7 @@ def test_partial_finetune_updates_only_the_last_block(tmp_path, mae_checkpoint):
         assert torch.equal(after[key], value) == frozen, key
 
 
+@pytest.mark.filterwarnings("ignore:decoder_num_heads is not stored")  # the reference file has no config
 def test_from_scratch_baselines_and_reference_checkpoints(tmp_path, mae_checkpoint, capsys):
     # checkpoint=none: a random init of a named size (the from-scratch baseline).
     assert main(["knn", *DATA, "checkpoint=none", "model=mae_vit_debug", "k=5"]) == 0
@@ -137,3 +136,26 @@ def test_bad_input_is_a_one_line_error_with_exit_code_2(tmp_path, capsys, comman
     assert code == 2
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
+
+
+def test_eval_on_a_labelled_image_folder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from openmae.models.vit import VisionTransformer
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        folder = tmp_path / "val" / ("cat" if i % 2 else "dog")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    classifier = VisionTransformer(create_model("mae_vit_debug").config.encoder_config(num_classes=2))
+    save_checkpoint(classifier, tmp_path / "classifier.safetensors")
+    scores = tmp_path / "eval.json"
+    checkpoint = tmp_path / "classifier.safetensors"
+    args = [f"checkpoint={checkpoint}", f"data.val_path={tmp_path / 'val'}", f"output={scores}"]
+    assert main(["eval", "data.num_workers=0", "device=cpu", *args]) == 0
+    metrics = json.loads(scores.read_text())
+    assert metrics["images"] == 6 and metrics["top5"] == 100.0  # two classes: always in the top 5
+    assert metrics["top1"] in {100 * k / 6 for k in range(7)}

@@ -23,7 +23,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from openmae.distributed import DistInfo, GracefulStop, all_reduce_sum, ignore_sigterm, shard_model
+from openmae.distributed import (
+    DistInfo,
+    GracefulStop,
+    all_reduce_sum,
+    ignore_sigterm,
+    is_peer_failure,
+    peer_failure,
+    shard_model,
+)
 from openmae.engine.checkpoint import (
     full_model_state,
     full_optimizer_state,
@@ -309,13 +317,20 @@ class Trainer:
         step, with a checkpoint to resume from.
         """
         self.run_started, self.first_step = time.perf_counter(), self.progress.step
-        with self.stop:
-            while self.progress.epoch < self.cfg.epochs and self.progress.images_seen < self.total_images:
-                stopped = self.train_epoch()
-                if stopped:
-                    self.save()
-                    break
-        if self.stop_agreed and self.progress.epoch < self.cfg.epochs and self.dist.is_main:
+        try:
+            with self.stop:
+                while self.progress.epoch < self.cfg.epochs and not self.finished:
+                    stopped = self.train_epoch()
+                    if stopped:
+                        self.save()
+                        break
+        except RuntimeError as error:
+            if self.dist.enabled and is_peer_failure(error):
+                raise peer_failure(self.dist.rank, error) from error
+            raise
+        finally:
+            self.stop_loader_workers()
+        if self.stop_agreed and not self.finished and self.dist.is_main:
             print(
                 f"stopped by {self.stop.received.name if self.stop.received else 'a signal to another rank'} "
                 f"at step {self.progress.step}; checkpoint: {self.saved_path}; run the same command with "
@@ -328,6 +343,17 @@ class Trainer:
     def finished(self) -> bool:
         """All planned images seen (epochs done, or the time budget used)."""
         return self.progress.images_seen >= self.total_images
+
+    def stop_loader_workers(self) -> None:
+        """End the data-loading workers now, on success or error.
+
+        They ignore SIGTERM (see `ignore_sigterm`), so the terminate that Python sends its
+        children at exit would not end them, and the exit would wait for them forever.
+        """
+        iterator = getattr(self.loader, "_iterator", None)  # where DataLoader keeps persistent workers
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
 
     def reached_max_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps
@@ -452,8 +478,8 @@ class Trainer:
 
         One small all-reduce per step, so all ranks skip the same steps and stop at the same one.
         """
-        flags = torch.stack([(~torch.isfinite(loss)).float(), torch.tensor(float(self.stop.requested))])
-        nonfinite, stop = all_reduce_sum(flags.to(self.device)).tolist()
+        requested = torch.tensor(float(self.stop.requested), device=loss.device)
+        nonfinite, stop = all_reduce_sum(torch.stack([(~torch.isfinite(loss)).float(), requested])).tolist()
         return nonfinite > 0, stop > 0
 
     def check_finite(self, nonfinite: bool) -> bool:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from openmae.models.layers import Block, LayerNorm, init_weights
 from openmae.models.masking import (
@@ -160,10 +159,7 @@ class MaskedAutoencoder(VisionTransformer):
             x = torch.cat([x[:, :1], self.unshuffle_with_mask_tokens(x[:, 1:], masking)], dim=1)
         x = x + self.decoder_pos_embed  # [B, 1+L, Dd]
         for block in self.decoder_blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():  # as the encoder's blocks
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = self.run_block(block, x)
         x = self.decoder_pred(self.decoder_norm(x))  # [B, 1+L, P*P*C]
         return x[:, 1:]  # drop the cls token
 

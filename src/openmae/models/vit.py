@@ -124,11 +124,14 @@ class VisionTransformer(nn.Module):
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's transformer blocks, then its final norm. `[B, N, D]` -> `[B, N, D]`."""
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = self.run_block(block, x)
         return self.norm(x)
+
+    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One block; recomputed in the backward pass when gradient checkpointing is on."""
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """Encode a whole, unmasked image: `[B, C, H, W]` -> `[B, 1+L, D]` (cls first)."""

@@ -254,7 +254,7 @@ def finetune_transform(cfg: FinetuneConfig, img_size, in_chans: int) -> v2.Compo
         is_training=True,
         scale=tuple(cfg.data.crop_scale),
         hflip=0.5 if cfg.data.hflip else 0.0,
-        auto_augment=cfg.auto_augment or None,
+        auto_augment=None if (cfg.auto_augment or "none").lower() == "none" else cfg.auto_augment,
         interpolation="bicubic",
         re_prob=cfg.reprob,
         re_mode="pixel",

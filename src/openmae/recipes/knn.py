@@ -110,6 +110,8 @@ class KnnMonitor:
     @classmethod
     def from_config(cls, cfg, img_size, in_chans: int) -> KnnMonitor | None:
         """None when `cfg.knn_every` is 0. Raises ValueError for data without labels or validation."""
+        if cfg.knn_every < 0 or cfg.knn_images < 1:
+            raise ValueError(f"knn_every must be >= 0 and knn_images >= 1: {cfg.knn_every}, {cfg.knn_images}")
         if not cfg.knn_every:
             return None
         bank = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=False)

@@ -1,0 +1,122 @@
+"""`mae bench` / `benchmarks/bench_pretrain.py`: argument parsing around `run_benchmark`."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+import torch
+
+from openmae.bench.engines import DEFAULT_PEERS, ENGINES
+from openmae.bench.precision import PRECISIONS
+from openmae.bench.report import write_results
+from openmae.bench.run import BenchOptions, custom_config, log, named_configs, run_benchmark
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mae bench",
+        description="Time MAE pretraining steps (forward, backward, optimizer) against HuggingFace ViTMAE "
+        "and the mask-tokens-in-encoder baseline; write pretrain_speed.md and .jsonl.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=["tiny", "base"],
+        default=None,
+        help="named configurations (default: tiny base, or none when --model is given)",
+    )
+    parser.add_argument("--model", default=None, help="also time this registered model (see `mae models`)")
+    parser.add_argument("--batch", type=int, default=8, help="batch size for --model")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument(
+        "--peers",
+        nargs="*",
+        choices=[n for n in ENGINES if n != "openmae"],
+        default=list(DEFAULT_PEERS),
+        help="engines to compare openmae with",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps per repeat (default: 5 for tiny, 2 for base, 3 for --model)",
+    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing, at least 1")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per engine, interleaved")
+    parser.add_argument(
+        "--max-repeat-seconds",
+        type=float,
+        default=30.0,
+        help="slower engines run fewer steps per repeat (at least one)",
+    )
+    parser.add_argument("--out", default="benchmarks/results", help="output directory")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizer", choices=["fused", "foreach"], default="fused", help="AdamW kernel")
+    parser.add_argument("--compile", action="store_true", help="also time openmae under torch.compile")
+    parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
+    parser.add_argument("--profile-peers", action="store_true", help="profile every engine, not only openmae")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run engines in this process (faster start; no per-engine memory)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=None,
+        help="JPEG folder for the data-pipeline timing (default: sample photos in a temp dir)",
+    )
+    parser.add_argument("--data-items", type=int, default=128, help="images read per data-pipeline timing")
+    parser.add_argument("--no-data", action="store_true", help="skip the data-pipeline timing")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace, argv: list[str]) -> BenchOptions:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    named = named_configs(device)
+    labels = args.configs if args.configs is not None else ([] if args.model else ["tiny", "base"])
+    configs = [named[label] for label in labels]
+    if args.model:
+        configs.append(custom_config(args.model, args.batch))
+    if args.warmup < 1 or args.repeats < 1 or (args.steps is not None and args.steps < 1):
+        raise ValueError("--warmup, --repeats and --steps must be at least 1")
+    return BenchOptions(
+        configs=configs,
+        precisions=list(args.precisions),
+        peers=list(args.peers),
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        max_repeat_seconds=args.max_repeat_seconds,
+        device=str(device),
+        threads=args.threads or torch.get_num_threads(),
+        seed=args.seed,
+        fused_optimizer=args.optimizer == "fused",
+        compile=args.compile,
+        profile=not args.no_profile,
+        profile_peers=args.profile_peers,
+        in_process=args.in_process,
+        data=not args.no_data,
+        data_dir=args.data_dir,
+        data_items=args.data_items,
+        command=shlex.join(["mae", "bench", *argv]),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark from command-line arguments; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        options = options_from_args(args, argv)
+    except ValueError as error:
+        parser.error(str(error))
+    records = run_benchmark(options)
+    md, jsonl = write_results(records, args.out)
+    log(f"wrote {md} and {jsonl}")
+    return 0

@@ -1,0 +1,127 @@
+"""The machine a benchmark ran on, and the matrix-multiply peak it reaches per dtype.
+
+The peak is measured in the same run (same threads, same load) so that "share of peak" compares
+like with like: best FLOP/s over a few large square products.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from importlib import metadata
+
+import torch
+
+from openmae.bench.precision import Bf16GemmInFp32, Precision, needs_gemm_in_fp32
+from openmae.models.layers import cpu_has_matrix_units
+
+_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+_PACKAGES = ("openmae", "torch", "transformers", "timm", "torchvision", "numpy", "pillow")
+
+
+def load_average() -> tuple[float, float, float] | None:
+    """1, 5 and 15-minute load averages (None where the OS has none)."""
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())
+    except OSError:
+        return None
+
+
+def machine_info(device: torch.device) -> dict:
+    """CPU/GPU, memory, OS, thread count and library versions, for the results header."""
+    info = {
+        "cpu": _cpu_name(),
+        "cpu_cores": os.cpu_count(),
+        "cpu_flags": [f for f in _CPU_FLAGS if f in _cpu_flags()],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_matrix_units(torch.bfloat16),
+        "memory_gb": _memory_gb(),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "versions": {name: _version(name) for name in _PACKAGES},
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> set[str]:
+    for line in _read("/proc/cpuinfo").splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _memory_gb() -> float | None:
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            return round(int(line.split()[1]) / 2**20, 1)
+    return None
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _best_flops(a: torch.Tensor, b: torch.Tensor, repeats: int, device: torch.device) -> float:
+    """Best FLOP/s of the square product `a @ b`, over the three memory layouts a GEMM sees in
+    training (`a @ b`, `a @ b.T`, `a.T @ b`) and `repeats` timed runs after an untimed one."""
+    n = a.shape[0]
+    best = float("inf")
+    for x, y in ((a, b), (a, b.t()), (a.t(), b)):
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            x @ y
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def matmul_peak(device: torch.device, precision: Precision, size: int = 2048, repeats: int = 3) -> dict:
+    """Measured matrix-multiply FLOP/s for a precision: `{"peak": best, <way>: FLOP/s, ...}`.
+
+    fp32: square fp32 products. bf16: bf16 products by the kernel torch picks ("native") and, on a
+    CPU without bf16 units, also as fp32 GEMMs ("via_fp32", what `Bf16GemmInFp32` does); the
+    peak is the faster way. The slow native CPU kernel is timed on a smaller product.
+    """
+    generator = torch.Generator().manual_seed(0)
+
+    def square(n: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.randn(n, n, generator=generator).to(device, dtype)
+
+    if precision == "fp32":
+        found = {
+            "fp32": _best_flops(square(size, torch.float32), square(size, torch.float32), repeats, device)
+        }
+    else:
+        slow_cpu = needs_gemm_in_fp32(device, "bf16")
+        n = 512 if slow_cpu else size
+        found = {"native": _best_flops(square(n, torch.bfloat16), square(n, torch.bfloat16), 1, device)}
+        if slow_cpu:
+            with Bf16GemmInFp32():
+                a, b = square(size, torch.bfloat16), square(size, torch.bfloat16)
+                found["via_fp32"] = _best_flops(a, b, repeats, device)
+    return {"peak": max(found.values()), **found}

@@ -1,0 +1,72 @@
+"""How a training step runs in a given precision: plain fp32, or bf16 autocast.
+
+On CPUs without bf16 matrix instructions (AVX2-only x86, e.g. AMD Zen 2/3 or Intel before Cooper
+Lake), PyTorch's bf16 GEMM falls back to a generic kernel that runs 20-200x slower than its fp32
+one, so bf16 autocast makes training far slower, not faster. `Bf16GemmInFp32` computes those
+matrix products as fp32 GEMMs instead: a bf16 value widens to fp32 exactly, the product of two
+bf16 values is exact in fp32, the sum accumulates in fp32 and the result is rounded to bf16 once.
+That is the contract of a bf16 GEMM with fp32 accumulation, so results differ from the slow kernel
+only by summation order; activations are still stored in bf16 for the backward pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Literal
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from openmae.models.layers import cpu_has_matrix_units
+
+Precision = Literal["fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+
+_aten = torch.ops.aten
+_GEMMS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
+
+
+def needs_gemm_in_fp32(device: torch.device | str, precision: Precision) -> bool:
+    """Whether bf16 matrix products on `device` are faster as fp32 GEMMs (CPU without bf16 units)."""
+    return (
+        precision == "bf16"
+        and torch.device(device).type == "cpu"
+        and not cpu_has_matrix_units(torch.bfloat16)
+    )
+
+
+class Bf16GemmInFp32(TorchDispatchMode):
+    """Run CPU bf16 `mm` / `addmm` / `bmm` / `baddbmm` as fp32 GEMMs, rounding the result to bf16.
+
+    A dispatch mode sees the ops autocast and autograd emit, in the forward and the backward pass
+    alike, so it works for any model without changing its code. Other ops pass through untouched.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _GEMMS and _is_cpu_bf16(args):
+            wide = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+            return func(*wide, **kwargs).to(torch.bfloat16)
+        return func(*args, **kwargs)
+
+
+def _is_cpu_bf16(args: tuple) -> bool:
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    return bool(tensors) and all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in tensors)
+
+
+def gemm_context(
+    device: torch.device | str, precision: Precision, gemm_in_fp32: bool
+) -> contextlib.AbstractContextManager:
+    """Enter around forward *and* backward: `Bf16GemmInFp32` when asked for and useful, else nothing."""
+    if gemm_in_fp32 and needs_gemm_in_fp32(device, precision):
+        return Bf16GemmInFp32()
+    return contextlib.nullcontext()
+
+
+def autocast(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager:
+    """`torch.autocast` to bf16, or a disabled one for fp32. Enter it around the forward pass only."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device_type = torch.device(device).type
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -1,0 +1,243 @@
+"""Running the benchmark: for each configuration and precision, build every engine in its own
+worker, warm it up, then time interleaved repeats and collect memory and a profile.
+
+Everything measured becomes a plain-dict record (`kind` = "machine", "step", "profile", "data")
+that `report` writes as JSON lines and renders as markdown.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from openmae.bench.engines import DEFAULT_PEERS, EngineSpec, engines_for, step_flops
+from openmae.bench.machine import load_average, machine_info, matmul_peak
+from openmae.bench.precision import PRECISIONS
+from openmae.bench.worker import EngineError, LocalWorker, ProcessWorker
+from openmae.models import model_config
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A named model size and batch, with its default steps per repeat."""
+
+    label: str
+    model: str
+    batch: int
+    steps: int
+
+
+def named_configs(device: torch.device) -> dict[str, BenchConfig]:
+    """The issue's two configurations; `base` takes a larger batch on a GPU."""
+    on_gpu = device.type == "cuda"
+    return {
+        "tiny": BenchConfig("tiny", "mae_vit_tiny_patch4_32", 128, steps=5),
+        "base": BenchConfig("base", "mae_vit_base_patch16", 64 if on_gpu else 8, steps=2),
+    }
+
+
+@dataclass
+class BenchOptions:
+    """What to run (the CLI's flags); see `openmae.bench.cli` for their meaning."""
+
+    configs: list[BenchConfig]
+    precisions: list[str] = field(default_factory=lambda: list(PRECISIONS))
+    peers: list[str] = field(default_factory=lambda: list(DEFAULT_PEERS))
+    steps: int | None = None
+    warmup: int = 2
+    repeats: int = 5
+    max_repeat_seconds: float = 30.0
+    device: str = "cpu"
+    threads: int = 1
+    seed: int = 0
+    fused_optimizer: bool = True
+    compile: bool = False
+    profile: bool = True
+    profile_peers: bool = False
+    in_process: bool = False
+    data: bool = True
+    data_dir: str | None = None
+    data_items: int = 128
+    command: str = ""
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def run_benchmark(options: BenchOptions) -> list[dict]:
+    """Measure everything `options` asks for; returns the records in order."""
+    device = torch.device(options.device)
+    torch.set_num_threads(options.threads)
+    started = time.time()
+    machine = {"kind": "machine", **machine_info(device), "command": options.command}
+    machine["load_before"] = load_average()
+    machine["started"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    log(f"matmul peaks on {machine['cpu']} with {options.threads} threads")
+    machine["matmul_peak"] = {p: matmul_peak(device, p) for p in options.precisions}
+    machine["optimizer"] = "AdamW, " + ("fused" if options.fused_optimizer else "foreach")
+    records: list[dict] = [machine]
+    for config in options.configs:
+        flops = {m: step_flops(model_config(config.model), mask_tokens=m) for m in (False, True)}
+        for precision in options.precisions:
+            peak = machine["matmul_peak"][precision]["peak"]
+            records += run_group(options, config, precision, flops, peak)
+    if options.data:
+        from openmae.bench.data import data_benchmark
+
+        log("data pipeline")
+        workers = max(1, min(8, options.threads))
+        records.append(
+            {"kind": "data", **data_benchmark(options.data_dir, workers=workers, items=options.data_items)}
+        )
+    machine["load_after"] = load_average()
+    machine["duration_s"] = round(time.time() - started, 1)
+    return records
+
+
+def run_group(
+    options: BenchOptions, config: BenchConfig, precision: str, flops: dict, peak: float
+) -> list[dict]:
+    """All engines of one configuration and precision, their repeats interleaved."""
+    device = torch.device(options.device)
+    names = ["openmae", *options.peers] + (["openmae_compile"] if options.compile else [])
+    specs = engines_for(names, precision, device)
+    mae_config = model_config(config.model)
+    steps = options.steps or config.steps
+    rows: dict[str, dict] = {}
+    workers: dict[str, ProcessWorker | LocalWorker] = {}
+    try:
+        for spec in specs:
+            log(f"{config.label} {precision}: building {spec.name}")
+            row = _new_row(config, precision, spec, flops[spec.mask_tokens], peak)
+            rows[spec.name] = row
+            try:
+                worker = (
+                    LocalWorker(options.threads) if options.in_process else ProcessWorker(options.threads)
+                )
+                workers[spec.name] = worker
+                row.update(_warm_up(worker, spec, mae_config, config, precision, options))
+                row["steps_per_repeat"] = _steps_per_repeat(
+                    row["warm_step_s"], steps, options.max_repeat_seconds
+                )
+            except EngineError as error:
+                row["error"] = _last_line(error)
+                log(f"{spec.name} failed:\n{error}")
+        live = [s for s in specs if rows[s.name]["error"] is None]
+        for r in range(options.repeats):
+            for spec in live[r % len(live) :] + live[: r % len(live)]:  # rotate: drift hits everyone
+                row = rows[spec.name]
+                if row["error"] is None:
+                    _time_repeat(workers[spec.name], row)
+            log(f"{config.label} {precision}: repeat {r + 1}/{options.repeats} done")
+        records = []
+        for spec in live:
+            row = rows[spec.name]
+            if row["error"] is None:
+                row.update(_memory(workers[spec.name]))
+                if options.profile and (spec.name == "openmae" or options.profile_peers):
+                    log(f"{config.label} {precision}: profiling {spec.name}")
+                    records.append(_profile(workers[spec.name], row))
+        return [_finish(row) for row in rows.values()] + records
+    finally:
+        for worker in workers.values():
+            worker.close()
+
+
+def _new_row(
+    config: BenchConfig, precision: str, spec: EngineSpec, flops_per_image: int, peak: float
+) -> dict:
+    return {
+        "kind": "step",
+        "config": config.label,
+        "model": config.model,
+        "batch": config.batch,
+        "precision": precision,
+        "engine": spec.name,
+        "about": spec.about,
+        "flops_per_step": flops_per_image * config.batch,
+        "peak_flops": peak,
+        "seconds": [],
+        "error": None,
+    }
+
+
+def _warm_up(worker, spec, mae_config, config: BenchConfig, precision: str, options: BenchOptions) -> dict:
+    """Build (its first step is the first warm-up step), then the remaining warm-up steps."""
+    built = worker.call(
+        "build",
+        spec=spec,
+        config=mae_config,
+        batch_size=config.batch,
+        device=options.device,
+        precision=precision,
+        seed=options.seed,
+        fused_optimizer=options.fused_optimizer,
+    )
+    warm = built["first_step_s"]
+    # An engine slower than a repeat's budget gets no extra warm-up: its first step warmed it.
+    if warm <= options.max_repeat_seconds:
+        for _ in range(options.warmup - 1):
+            warm = worker.call("run", steps=1)
+    return {"first_loss": built["first_loss"], "first_step_s": built["first_step_s"], "warm_step_s": warm}
+
+
+def _steps_per_repeat(step_seconds: float, steps: int, max_seconds: float) -> int:
+    """`steps`, or fewer (at least one) when they would take longer than `max_seconds`."""
+    return max(1, min(steps, int(max_seconds // max(step_seconds, 1e-9))))
+
+
+def _time_repeat(worker, row: dict) -> None:
+    try:
+        row["seconds"].append(worker.call("run", steps=row["steps_per_repeat"]))
+    except EngineError as error:
+        row["error"] = _last_line(error)
+
+
+def _memory(worker) -> dict:
+    memory = worker.call("memory")
+    return {"memory_kind": memory["kind"], "peak_memory_bytes": memory["peak_bytes"], **_idle(memory)}
+
+
+def _idle(memory: dict) -> dict:
+    return {"idle_memory_bytes": memory["idle_bytes"]} if "idle_bytes" in memory else {}
+
+
+def _profile(worker, row: dict) -> dict:
+    found = worker.call("profile", steps=1)
+    keys = ("config", "model", "batch", "precision", "engine")
+    return {"kind": "profile", **{k: row[k] for k in keys}, **found}
+
+
+def _finish(row: dict) -> dict:
+    """Images/s per repeat -> median and min-max; FLOP/s and share of the matmul peak."""
+    seconds = row.pop("seconds")
+    if row["error"] is not None or not seconds:
+        return row
+    rates = [row["batch"] * row["steps_per_repeat"] / s for s in seconds]
+    median = statistics.median(rates)
+    row.update(
+        images_per_s=median,
+        images_per_s_min=min(rates),
+        images_per_s_max=max(rates),
+        images_per_s_repeats=rates,
+        step_s=row["batch"] / median,
+        achieved_flops=row["flops_per_step"] * median / row["batch"],
+    )
+    row["peak_share"] = row["achieved_flops"] / row["peak_flops"]
+    return row
+
+
+def _last_line(error: Exception) -> str:
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def custom_config(model: str, batch: int, steps: int = 3) -> BenchConfig:
+    """A configuration for any registered model and batch (`--model NAME --batch N`)."""
+    model_config(model)  # unknown names fail here, with a suggestion
+    return BenchConfig(model, model, batch, steps)

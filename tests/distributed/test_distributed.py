@@ -1,0 +1,291 @@
+"""Scale-out: torchrun DDP and FSDP on CPU (gloo), checkpoints across world sizes, fail-fast, SIGTERM.
+
+Real torchrun launches of `mae pretrain` on the debug model and synthetic images, compared with
+single-process runs of the same global batch. A launch counts as finished when every rank printed
+its DONE marker and wrote what it should: under load, a gloo process now and then aborts at exit
+("terminate called without an active exception") after its work is done; that abort alone is
+tolerated, and a launch that hit it before finishing is retried once.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import openmae
+from openmae.config import load_config
+from openmae.distributed import GracefulStop, ShardedEvalSampler
+from openmae.recipes.pretrain import PretrainConfig, PretrainTask, pretrain
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+# 32 images, global batch 8: 4 steps an epoch, 8 in all.
+TINY = [
+    "model=mae_vit_debug",
+    "data.dataset=synthetic",
+    "data.synthetic_size=32",
+    "data.num_workers=0",
+    "epochs=2",
+    "vis_every=0",
+    "log_every=1",
+    "optim.warmup_epochs=0.5",
+    "optim.base_lr=0.01",
+    "device=cpu",
+]
+# A run far too long to finish, for the tests that interrupt one.
+ENDLESS = [*TINY[:2], "data.synthetic_size=64", "data.num_workers=1", "epochs=1000", "batch_size=4"]
+ENDLESS += TINY[5:]
+# fp32 sums in another order (two half batches, one thread each) move weights by ~1e-6; one step
+# moves them by ~1e-4 (the lr), so the tolerance still tells one step from another.
+ATOL = 2e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(nproc: int, args: list[str]) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "--max_restarts", "0",
+        str(WORKER), *args,
+    ]  # fmt: skip
+
+
+def worker_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def finished_ranks(output: str) -> set[int]:
+    return {int(rank) for rank in re.findall(r"^DONE rank=(\d+) code=0$", output, flags=re.MULTILINE)}
+
+
+@dataclass
+class Launch:
+    returncode: int
+    output: str
+
+
+def launch(nproc: int, args: list[str], out_dir: Path | None = None, seeds=(), env=None):
+    """Run the worker under torchrun until every rank has finished; retry once after a gloo exit abort.
+
+    `out_dir` is rebuilt from the files `seeds` before each attempt, so a retry starts from the same state.
+    """
+    for attempt in range(2):
+        if out_dir is not None:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            out_dir.mkdir(parents=True)
+            for file in seeds:
+                shutil.copy(file, out_dir)
+        proc = subprocess.run(
+            torchrun_command(nproc, args),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**worker_env(), **(env or {})},
+        )
+        output = proc.stdout + proc.stderr
+        all_done = finished_ranks(output) == set(range(nproc))
+        if all_done and (proc.returncode == 0 or GLOO_EXIT_ABORT in output):
+            return Launch(proc.returncode, output)
+        if attempt == 1 or GLOO_EXIT_ABORT not in output:
+            done = finished_ranks(output)
+            pytest.fail(f"torchrun exited with {proc.returncode}, ranks done {done}:\n{output[-6000:]}")
+    raise AssertionError("unreachable")
+
+
+def start_endless(out_dir: Path) -> subprocess.Popen:
+    """A 2-process run that trains until stopped; returns once rank 0 has logged a step."""
+    proc = subprocess.Popen(
+        torchrun_command(2, ["pretrain", *ENDLESS, f"output_dir={out_dir}"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=worker_env(),
+    )
+    metrics = out_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.exists() and metrics.stat().st_size > 0):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the run did not start training:\n{proc.communicate()[0][-6000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def run_single(out_dir: Path, *overrides: str):
+    return pretrain(load_config(PretrainConfig, overrides=[*TINY, f"output_dir={out_dir}", *overrides]))
+
+
+def checkpoint(out_dir: Path, step: int) -> Path:
+    return out_dir / f"checkpoint-{step:08d}.safetensors"
+
+
+def seed_files(out_dir: Path, step: int) -> list[Path]:
+    weights = checkpoint(out_dir, step)
+    return [weights, weights.with_name(weights.name.replace(".safetensors", ".state.pt"))]
+
+
+def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """Single-process runs with the global batch (8): 8 steps (checkpoints at 4 and 8), and 2 steps."""
+    root = tmp_path_factory.mktemp("single")
+    full = run_single(root / "full", "batch_size=8")
+    assert checkpoint(full.output_dir, 4).exists() and checkpoint(full.output_dir, 8).exists()
+    return {"full": full, "step2": run_single(root / "step2", "batch_size=8", "max_steps=2")}
+
+
+# ------------------------------------------------------------------------------------------------
+# In one process
+
+
+def test_sharded_eval_sampler_covers_every_sample_exactly_once():
+    for num_samples in (0, 1, 7, 10, 11):
+        for world_size in (1, 2, 3, 4):
+            shards = [list(ShardedEvalSampler(num_samples, rank, world_size)) for rank in range(world_size)]
+            assert sorted(i for shard in shards for i in shard) == list(range(num_samples))
+            lengths = [len(ShardedEvalSampler(num_samples, r, world_size)) for r in range(world_size)]
+            assert [len(shard) for shard in shards] == lengths
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    with pytest.raises(ValueError):
+        ShardedEvalSampler(10, rank=2, world_size=2)
+
+
+def test_graceful_stop_turns_sigterm_into_a_request_and_then_gives_it_back():
+    previous = signal.getsignal(signal.SIGTERM)
+    with GracefulStop() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)  # would end pytest without the handler
+        time.sleep(0.01)  # the handler runs between bytecodes
+        assert stop.requested and stop.received == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_sigterm_in_a_single_process_run_stops_it_with_a_checkpoint(tmp_path, monkeypatch, capsys):
+    previous = signal.getsignal(signal.SIGTERM)
+    calls = []
+    loss_of_batch = PretrainTask.__call__
+
+    def signalled_on_the_second_step(self, model, batch, device):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss_of_batch(self, model, batch, device)
+
+    monkeypatch.setattr(PretrainTask, "__call__", signalled_on_the_second_step)
+    result = run_single(tmp_path / "run", "batch_size=8")
+    assert result.progress.step == 2  # the step under way is finished, then the run stops
+    assert "stopped by SIGTERM at step 2" in capsys.readouterr().out
+    weights = checkpoint(tmp_path / "run", 2)
+    model = openmae.load_checkpoint(weights)
+    assert max_difference(model.state_dict(), load_file(weights)) == 0
+    state = torch.load(str(weights).replace(".safetensors", ".state.pt"), weights_only=True)
+    assert state["progress"]["step"] == 2 and state["optimizer"]["state"]
+    assert signal.getsignal(signal.SIGTERM) == previous  # the usual handling is back after the run
+
+
+# ------------------------------------------------------------------------------------------------
+# Under torchrun
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_ddp_matches_one_process_and_its_checkpoint_resumes_in_one_process(tmp_path, single):
+    # Two processes over half batches (4 + 4) against one over the whole batch (8).
+    ddp = tmp_path / "ddp"
+    args = ["pretrain", *TINY, "batch_size=4", "max_steps=4", f"output_dir={ddp}"]
+    out = launch(2, args, ddp, env={"CHECK_COLLECTIVES": "1"}).output
+    assert "effective batch 8 -> lr" in out and out.count("effective batch") == 1  # rank 1 stays quiet
+    full = single["full"]
+    two, one = load_file(checkpoint(ddp, 4)), load_file(checkpoint(full.output_dir, 4))
+    assert max_difference(two, one) < ATOL
+    assert max_difference(two, load_file(full.weights)) > 10 * ATOL  # the tolerance can fail
+    # The 2-process checkpoint continues in one process exactly as the uninterrupted run went on.
+    resumed = run_single(ddp, "batch_size=8", "resume=auto")
+    assert resumed.progress.step == 8
+    assert max_difference(load_file(resumed.weights), load_file(full.weights)) < ATOL
+    # The evaluation helpers, on the same process group: every sample counted once, rows kept whole.
+    lines = [line for line in out.splitlines() if line.startswith("COLLECTIVES ")]
+    results = [json.loads(line.split(" ", 1)[1]) for line in lines]
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    for r in results:
+        assert r["sums"] == [55.0, 11.0]  # sum and count of 0..10
+        assert r["rows"][:6] == [[i, 10 * i] for i in range(0, 11, 2)]  # rank 0's shard, then rank 1's
+        assert sorted(r["rows"]) == [[i, 10 * i] for i in range(11)]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_resumes_a_one_process_checkpoint_and_writes_one_that_loads_anywhere(tmp_path, single):
+    fsdp = tmp_path / "fsdp"
+    args = [*TINY, "batch_size=4", "max_steps=6", "fsdp=true", "activation_checkpointing=true"]
+    args += ["vis_every=1", "eval_images=8", "resume=auto", f"output_dir={fsdp}"]  # evaluates when sharded
+    # From step 2 of a single-process run, past the end of epoch 1 (evaluation, a checkpoint) to step 6.
+    full = single["full"]
+    out = launch(2, ["pretrain", *args], fsdp, seed_files(single["step2"].output_dir, 2)).output
+    assert "resumed from" in out and "masked_mse" in (fsdp / "metrics.jsonl").read_text()
+    # Written from shards, a checkpoint reads into a plain single-process model: the same weights.
+    plain = openmae.load_checkpoint(checkpoint(fsdp, 4))
+    assert type(plain) is openmae.MaskedAutoencoder
+    assert max_difference(plain.state_dict(), load_file(checkpoint(full.output_dir, 4))) < ATOL
+    assert max_difference(plain.state_dict(), load_file(full.weights)) > 10 * ATOL
+    # With its optimizer state, one process finishes the run as the uninterrupted one did.
+    resumed = run_single(fsdp, "batch_size=8", "resume=auto")
+    assert resumed.progress.step == 8
+    assert max_difference(load_file(resumed.weights), load_file(full.weights)) < ATOL
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_with_a_loadable_checkpoint(tmp_path):
+    out_dir = tmp_path / "preempted"
+    proc = start_endless(out_dir)
+    signalled = time.monotonic()
+    proc.send_signal(signal.SIGTERM)  # as a scheduler does; torchrun forwards it to the ranks
+    output = proc.communicate(timeout=120)[0]
+    assert time.monotonic() - signalled < 60, output[-4000:]  # a step, a checkpoint and the exit
+    assert finished_ranks(output) == {0, 1}, output[-6000:]  # both ranks returned normally
+    match = re.search(r"stopped by SIGTERM at step (\d+)", output)
+    assert match, output[-6000:]
+    step = int(match.group(1))
+    weights = checkpoint(out_dir, step)
+    model = openmae.load_checkpoint(weights)
+    assert max_difference(model.state_dict(), load_file(weights)) == 0
+    state = torch.load(str(weights).replace(".safetensors", ".state.pt"), weights_only=True)
+    assert state["progress"]["step"] == step < 1000 * 8
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_killed_rank_makes_the_job_fail_fast_with_a_clear_message(tmp_path):
+    out_dir = tmp_path / "killed"
+    proc = start_endless(out_dir)
+    killed = time.monotonic()
+    os.kill(int((out_dir / "pid-rank1").read_text()), signal.SIGKILL)  # e.g. the OOM killer
+    output = proc.communicate(timeout=120)[0]
+    assert time.monotonic() - killed < 60, output[-4000:]
+    assert proc.returncode != 0
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*-9", output), output[-6000:]
+    assert "rank 0: lost contact with the other processes of the job" in output, output[-6000:]
