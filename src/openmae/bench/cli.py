@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="slower engines run fewer steps per repeat (at least one)",
     )
+    parser.add_argument(
+        "--slow-repeats",
+        type=int,
+        default=3,
+        help="repeats for engines whose single step exceeds --max-repeat-seconds",
+    )
     parser.add_argument("--out", default="benchmarks/results", help="output directory")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
@@ -72,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--data-items", type=int, default=128, help="images read per data-pipeline timing")
     parser.add_argument("--no-data", action="store_true", help="skip the data-pipeline timing")
+    parser.add_argument(
+        "--peak-size", type=int, default=2048, help="side of the matmuls that measure the peak"
+    )
     return parser
 
 
@@ -92,6 +101,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str]) -> BenchOptions
         warmup=args.warmup,
         repeats=args.repeats,
         max_repeat_seconds=args.max_repeat_seconds,
+        slow_repeats=args.slow_repeats,
         device=str(device),
         threads=args.threads or torch.get_num_threads(),
         seed=args.seed,
@@ -103,6 +113,7 @@ def options_from_args(args: argparse.Namespace, argv: list[str]) -> BenchOptions
         data=not args.no_data,
         data_dir=args.data_dir,
         data_items=args.data_items,
+        peak_size=args.peak_size,
         command=shlex.join(["mae", "bench", *argv]),
     )
 

@@ -57,37 +57,50 @@ def make_photo_folder(root: str | Path, sizes: Sequence[int] = PHOTO_SIZES, qual
     return root
 
 
-def draft_crops(
-    path: str | Path,
-    size: int,
-    views: int = 1,
+Box = tuple[int, int, int, int]  # top, left, height, width in full-size pixels
+
+
+def crop_boxes(
+    image: Image.Image,
+    views: int,
     scale: tuple[float, float] = (0.2, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> list[Image.Image]:
-    """`views` random resized crops (then random flips) of one image, decoded at reduced size.
+) -> list[Box]:
+    """`views` RandomResizedCrop boxes for an opened (not yet decoded) image."""
+    return [tuple(RandomResizedCrop.get_params(image, list(scale), list(ratio))) for _ in range(views)]
 
-    The JPEG is decoded once, at the smallest DCT scale that keeps every crop at least
-    `size` pixels on both sides.
+
+def decode_crops(path: str | Path, boxes: list[Box], size: int, draft: bool = True) -> list[Image.Image]:
+    """Decode a JPEG once and cut `size x size` bicubic crops from it, one per box.
+
+    With `draft`, the decoder scales by 1/2, 1/4 or 1/8 in the DCT domain while the smallest box
+    keeps at least `size` pixels on both sides; boxes are mapped to the reduced image.
     """
     with Image.open(path) as image:
-        full_w, full_h = image.size  # from the header, nothing decoded yet
-        boxes = [RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(views)]
+        full_w, full_h = image.size
         smallest_side = min(min(h, w) for _, _, h, w in boxes)
         reduce = 1
-        while reduce < 8 and smallest_side // (2 * reduce) >= size:
+        while draft and reduce < 8 and smallest_side // (2 * reduce) >= size:
             reduce *= 2
         if reduce > 1:
             image.draft("RGB", (math.ceil(full_w / reduce), math.ceil(full_h / reduce)))
-        image = image.convert("RGB")  # decodes (at the draft scale, which is >= the requested size)
+        image = image.convert("RGB")  # decodes, at the draft scale (>= the size asked for)
         sx, sy = image.width / full_w, image.height / full_h
-        crops = []
-        for top, left, h, w in boxes:
-            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            crop = image.resize((size, size), Image.BICUBIC, box=box)
-            if torch.rand(()) < 0.5:
-                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
-            crops.append(crop)
-    return crops
+        return [
+            image.resize(
+                (size, size), Image.BICUBIC, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            )
+            for top, left, h, w in boxes
+        ]
+
+
+def draft_crops(path: str | Path, size: int, views: int = 1) -> list[Image.Image]:
+    """The pretraining augmentation from one reduced-size decode: `views` random resized crops
+    (area 0.2-1, aspect 3/4-4/3, bicubic), each flipped horizontally with probability 1/2."""
+    with Image.open(path) as image:
+        boxes = crop_boxes(image, views)  # reads only the header
+    crops = decode_crops(path, boxes, size)
+    return [c.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(()) < 0.5 else c for c in crops]
 
 
 def to_normalized_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -8,6 +8,8 @@ model code and the precision path.
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -177,3 +179,18 @@ def step_flops(config: MAEConfig, mask_tokens: bool = False) -> int:
     with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         model(images).loss.backward()
     return counter.get_total_flops()
+
+
+def optimizer_step_seconds(config: MAEConfig, fused: bool, steps: int = 3) -> float:
+    """Median seconds of one AdamW step over the parameters of `config`'s model (random gradients)."""
+    model = MaskedAutoencoder(config)
+    optimizer = build_optimizer(model, lr=1e-4, fused=fused)
+    for p in optimizer.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    optimizer.step()  # creates the moment buffers
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)

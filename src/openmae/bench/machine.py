@@ -118,7 +118,7 @@ def matmul_peak(device: torch.device, precision: Precision, size: int = 2048, re
         }
     else:
         slow_cpu = needs_gemm_in_fp32(device, "bf16")
-        n = 512 if slow_cpu else size
+        n = min(512, size) if slow_cpu else size
         found = {"native": _best_flops(square(n, torch.bfloat16), square(n, torch.bfloat16), 1, device)}
         if slow_cpu:
             with Bf16GemmInFp32():

@@ -24,6 +24,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 _aten = torch.ops.aten
 _GEMMS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default}
+# The patch embedding's convolution has the same slow bf16 fallback (forward and backward).
+_CONVS = {_aten.convolution.default, _aten.convolution_backward.default}
 
 
 def needs_gemm_in_fp32(device: torch.device | str, precision: Precision) -> bool:
@@ -36,17 +38,21 @@ def needs_gemm_in_fp32(device: torch.device | str, precision: Precision) -> bool
 
 
 class Bf16GemmInFp32(TorchDispatchMode):
-    """Run CPU bf16 `mm` / `addmm` / `bmm` / `baddbmm` as fp32 GEMMs, rounding the result to bf16.
+    """Run CPU bf16 matrix products and convolutions as fp32 ones, rounding results to bf16.
 
-    A dispatch mode sees the ops autocast and autograd emit, in the forward and the backward pass
-    alike, so it works for any model without changing its code. Other ops pass through untouched.
+    Covers `mm`, `addmm`, `bmm`, `baddbmm` and `convolution` with its backward. A dispatch mode
+    sees the ops that autocast and autograd emit, in the forward and the backward pass alike, so
+    it works for any model without changing its code. Other ops pass through untouched.
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _GEMMS and _is_cpu_bf16(args):
+        if (func in _GEMMS or func in _CONVS) and _is_cpu_bf16(args):
             wide = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
-            return func(*wide, **kwargs).to(torch.bfloat16)
+            out = func(*wide, **kwargs)
+            if isinstance(out, tuple):  # convolution_backward: (grad_input, grad_weight, grad_bias)
+                return tuple(o.to(torch.bfloat16) if isinstance(o, torch.Tensor) else o for o in out)
+            return out.to(torch.bfloat16)
         return func(*args, **kwargs)
 
 

@@ -45,6 +45,19 @@ def render_markdown(records: list[dict]) -> str:
         lines += ["## Where the time goes (torch.profiler, one step, self time per op)", ""]
         for p in profiles:
             lines += _profile_table(p)
+    optimizers = [r for r in records if r["kind"] == "optimizer"]
+    if optimizers:
+        lines += [
+            "## Optimizer step (AdamW over the model's parameters, ms)",
+            "",
+            "| config | fused | foreach |",
+        ]
+        lines += ["|---|---|---|"]
+        lines += [
+            f"| {o['config']} | {1000 * o['seconds']['fused']:.1f} | {1000 * o['seconds']['foreach']:.1f} |"
+            for o in optimizers
+        ]
+        lines.append("")
     for data in (r for r in records if r["kind"] == "data"):
         lines += _data_section(data, steps)
     return "\n".join(lines).rstrip() + "\n"

@@ -7,14 +7,16 @@ that `report` writes as JSON lines and renders as markdown.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from openmae.bench.engines import DEFAULT_PEERS, EngineSpec, engines_for, step_flops
+from openmae.bench.engines import DEFAULT_PEERS, EngineSpec, engines_for, optimizer_step_seconds, step_flops
 from openmae.bench.machine import load_average, machine_info, matmul_peak
 from openmae.bench.precision import PRECISIONS
 from openmae.bench.worker import EngineError, LocalWorker, ProcessWorker
@@ -51,6 +53,7 @@ class BenchOptions:
     warmup: int = 2
     repeats: int = 5
     max_repeat_seconds: float = 30.0
+    slow_repeats: int = 3
     device: str = "cpu"
     threads: int = 1
     seed: int = 0
@@ -62,6 +65,7 @@ class BenchOptions:
     data: bool = True
     data_dir: str | None = None
     data_items: int = 128
+    peak_size: int = 2048
     command: str = ""
 
 
@@ -78,11 +82,12 @@ def run_benchmark(options: BenchOptions) -> list[dict]:
     machine["load_before"] = load_average()
     machine["started"] = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
     log(f"matmul peaks on {machine['cpu']} with {options.threads} threads")
-    machine["matmul_peak"] = {p: matmul_peak(device, p) for p in options.precisions}
+    machine["matmul_peak"] = {p: matmul_peak(device, p, options.peak_size) for p in options.precisions}
     machine["optimizer"] = "AdamW, " + ("fused" if options.fused_optimizer else "foreach")
     records: list[dict] = [machine]
     for config in options.configs:
         flops = {m: step_flops(model_config(config.model), mask_tokens=m) for m in (False, True)}
+        records.append(_optimizer_record(config))
         for precision in options.precisions:
             peak = machine["matmul_peak"][precision]["peak"]
             records += run_group(options, config, precision, flops, peak)
@@ -106,46 +111,68 @@ def run_group(
     device = torch.device(options.device)
     names = ["openmae", *options.peers] + (["openmae_compile"] if options.compile else [])
     specs = engines_for(names, precision, device)
-    mae_config = model_config(config.model)
-    steps = options.steps or config.steps
-    rows: dict[str, dict] = {}
+    rows = {s.name: _new_row(config, precision, s, flops[s.mask_tokens], peak) for s in specs}
     workers: dict[str, ProcessWorker | LocalWorker] = {}
     try:
         for spec in specs:
             log(f"{config.label} {precision}: building {spec.name}")
-            row = _new_row(config, precision, spec, flops[spec.mask_tokens], peak)
-            rows[spec.name] = row
-            try:
-                worker = (
-                    LocalWorker(options.threads) if options.in_process else ProcessWorker(options.threads)
-                )
-                workers[spec.name] = worker
-                row.update(_warm_up(worker, spec, mae_config, config, precision, options))
-                row["steps_per_repeat"] = _steps_per_repeat(
-                    row["warm_step_s"], steps, options.max_repeat_seconds
-                )
-            except EngineError as error:
-                row["error"] = _last_line(error)
-                log(f"{spec.name} failed:\n{error}")
-        live = [s for s in specs if rows[s.name]["error"] is None]
-        for r in range(options.repeats):
-            for spec in live[r % len(live) :] + live[: r % len(live)]:  # rotate: drift hits everyone
-                row = rows[spec.name]
-                if row["error"] is None:
-                    _time_repeat(workers[spec.name], row)
-            log(f"{config.label} {precision}: repeat {r + 1}/{options.repeats} done")
-        records = []
-        for spec in live:
-            row = rows[spec.name]
+            worker = LocalWorker(options.threads) if options.in_process else ProcessWorker(options.threads)
+            workers[spec.name] = worker
+            with engine_failures(rows[spec.name]) as row:
+                row.update(_start(worker, spec, config, precision, options))
+        _interleave(options.repeats, workers, rows, f"{config.label} {precision}")
+        profiles = []
+        for name, row in rows.items():
             if row["error"] is None:
-                row.update(_memory(workers[spec.name]))
-                if options.profile and (spec.name == "openmae" or options.profile_peers):
-                    log(f"{config.label} {precision}: profiling {spec.name}")
-                    records.append(_profile(workers[spec.name], row))
-        return [_finish(row) for row in rows.values()] + records
+                with engine_failures(row):
+                    row.update(_memory(workers[name]))
+            if row["error"] is None and options.profile and (name == "openmae" or options.profile_peers):
+                log(f"{config.label} {precision}: profiling {name}")
+                profiles += _profile(workers[name], row)
+        return [_finish(row) for row in rows.values()] + profiles
     finally:
         for worker in workers.values():
             worker.close()
+
+
+@contextlib.contextmanager
+def engine_failures(row: dict) -> Iterator[dict]:
+    """An engine failure inside marks `row` failed (and is logged) instead of stopping the benchmark."""
+    try:
+        yield row
+    except EngineError as error:
+        row["error"] = _last_line(error)
+        log(f"{row['engine']} failed:\n{error}")
+
+
+def _start(worker, spec: EngineSpec, config: BenchConfig, precision: str, options: BenchOptions) -> dict:
+    """Build and warm up an engine, then plan its repeats from the warm step time."""
+    row = _warm_up(worker, spec, config, precision, options)
+    steps = options.steps or config.steps
+    row["steps_per_repeat"] = _steps_per_repeat(row["warm_step_s"], steps, options.max_repeat_seconds)
+    slow = row["warm_step_s"] > options.max_repeat_seconds
+    row["planned_repeats"] = min(options.repeats, options.slow_repeats) if slow else options.repeats
+    return row
+
+
+def _interleave(repeats: int, workers: dict, rows: dict[str, dict], label: str) -> None:
+    """Repeat r runs every live engine once, starting one further along each time, so that drift
+    in the machine's speed is shared out."""
+    for r in range(repeats):
+        live = [name for name, row in rows.items() if row["error"] is None and r < row["planned_repeats"]]
+        for name in live[r % max(1, len(live)) :] + live[: r % max(1, len(live))]:
+            with engine_failures(rows[name]) as row:
+                row["seconds"].append(workers[name].call("run", steps=row["steps_per_repeat"]))
+        log(f"{label}: repeat {r + 1}/{repeats} done")
+
+
+def _optimizer_record(config: BenchConfig) -> dict:
+    """AdamW step time, fused kernel vs multi-tensor (foreach), on the model's parameters."""
+    mae_config = model_config(config.model)
+    seconds = {
+        kind: optimizer_step_seconds(mae_config, fused=kind == "fused") for kind in ("fused", "foreach")
+    }
+    return {"kind": "optimizer", "config": config.label, "model": config.model, "seconds": seconds}
 
 
 def _new_row(
@@ -161,17 +188,18 @@ def _new_row(
         "about": spec.about,
         "flops_per_step": flops_per_image * config.batch,
         "peak_flops": peak,
+        "load_average": load_average(),
         "seconds": [],
         "error": None,
     }
 
 
-def _warm_up(worker, spec, mae_config, config: BenchConfig, precision: str, options: BenchOptions) -> dict:
+def _warm_up(worker, spec: EngineSpec, config: BenchConfig, precision: str, options: BenchOptions) -> dict:
     """Build (its first step is the first warm-up step), then the remaining warm-up steps."""
     built = worker.call(
         "build",
         spec=spec,
-        config=mae_config,
+        config=model_config(config.model),
         batch_size=config.batch,
         device=options.device,
         precision=precision,
@@ -191,26 +219,23 @@ def _steps_per_repeat(step_seconds: float, steps: int, max_seconds: float) -> in
     return max(1, min(steps, int(max_seconds // max(step_seconds, 1e-9))))
 
 
-def _time_repeat(worker, row: dict) -> None:
-    try:
-        row["seconds"].append(worker.call("run", steps=row["steps_per_repeat"]))
-    except EngineError as error:
-        row["error"] = _last_line(error)
-
-
 def _memory(worker) -> dict:
     memory = worker.call("memory")
-    return {"memory_kind": memory["kind"], "peak_memory_bytes": memory["peak_bytes"], **_idle(memory)}
+    found = {"memory_kind": memory["kind"], "peak_memory_bytes": memory["peak_bytes"]}
+    if "idle_bytes" in memory:
+        found["idle_memory_bytes"] = memory["idle_bytes"]
+    return found
 
 
-def _idle(memory: dict) -> dict:
-    return {"idle_memory_bytes": memory["idle_bytes"]} if "idle_bytes" in memory else {}
-
-
-def _profile(worker, row: dict) -> dict:
-    found = worker.call("profile", steps=1)
+def _profile(worker, row: dict) -> list[dict]:
+    """A one-step profile record, or none if profiling fails (the timings stand regardless)."""
+    try:
+        found = worker.call("profile", steps=1)
+    except EngineError as error:
+        log(f"profiling {row['engine']} failed:\n{error}")
+        return []
     keys = ("config", "model", "batch", "precision", "engine")
-    return {"kind": "profile", **{k: row[k] for k in keys}, **found}
+    return [{"kind": "profile", **{k: row[k] for k in keys}, **found}]
 
 
 def _finish(row: dict) -> dict:

@@ -28,9 +28,20 @@ class EngineError(RuntimeError):
 
 
 def peak_rss_bytes() -> int:
-    """High-water mark of this process's resident memory."""
+    """High-water mark of this process's resident memory.
+
+    On Linux this is `VmHWM` of /proc/self/status: `getrusage`'s maximum would also count the
+    parent's memory, which a spawned child inherits between fork and exec.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def synchronize(device: torch.device) -> None:
