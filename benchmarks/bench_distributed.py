@@ -53,7 +53,7 @@ def peak_rss_mb() -> float:
 
 
 def measure(args: argparse.Namespace) -> None:
-    """Build a Trainer as `mae pretrain` does, time its optimizer steps, print one JSON line per rank."""
+    """Build a Trainer as `mae pretrain` does, time its optimizer steps, write a JSON file per rank."""
     import torch
 
     torch.set_num_threads(args.threads)
@@ -104,7 +104,8 @@ def measure(args: argparse.Namespace) -> None:
         "rss_steady_mb": rss_mb(),
         "rss_peak_mb": peak_rss_mb(),
     }
-    print("RESULT " + json.dumps(result), flush=True)
+    # A file per rank: lines that two ranks print at once can interleave.
+    Path(args.out, f"result-rank{dist.rank}.json").write_text(json.dumps(result))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def free_port() -> int:
 
 
 def run(nproc: int, threads: int, worker_args: list[str]) -> list[dict]:
-    """One measurement in `nproc` fresh processes; the JSON line of every rank."""
+    """One measurement in `nproc` fresh processes; what every rank found."""
     out = tempfile.mkdtemp(prefix="bench-dist-")
     me = [str(Path(__file__).resolve()), "--worker", "--threads", str(threads), "--out", out, *worker_args]
     if nproc == 1:
@@ -132,8 +133,8 @@ def run(nproc: int, threads: int, worker_args: list[str]) -> list[dict]:
     # resident size would count freed blocks; a fixed threshold hands big blocks back at once.
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
+    results = [json.loads(path.read_text()) for path in Path(out).glob("result-rank*.json")]
     shutil.rmtree(out, ignore_errors=True)
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if len(results) != nproc:
         raise RuntimeError(
             f"measurement failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from openmae.bench import main
+from openmae.bench import engines, main
 from openmae.bench.data import crop_boxes, decode_crops, draft_crops
 from openmae.bench.engines import ENGINES, TrainStep, build_optimizer, engines_for, step_flops
 from openmae.bench.precision import Bf16GemmInFp32
@@ -160,9 +160,12 @@ def test_mask_token_baseline_shares_the_encoder_and_decoder():
     assert all(torch.equal(ours[k], baseline[k]) for k in shared)
 
 
-def test_redundant_engines_are_dropped_in_fp32():
-    names = ["openmae", "hf_eager", "hf_eager_gemm32", "openmae_autocast"]
-    assert [s.name for s in engines_for(names, "fp32", "cpu")] == ["openmae", "hf_eager"]
+def test_engines_that_change_nothing_are_dropped(monkeypatch):
+    names = ["openmae", "hf_eager", "hf_eager_gemm32", "openmae_autocast", "openmae_compile"]
+    assert [s.name for s in engines_for(names, "fp32", "cpu")] == ["openmae", "hf_eager", "openmae_compile"]
+    monkeypatch.setattr(engines, "needs_gemm_in_fp32", lambda device, precision: True)  # an AVX2 CPU
+    kept = ["openmae", "hf_eager", "hf_eager_gemm32", "openmae_autocast"]
+    assert [s.name for s in engines_for(names, "bf16", "cpu")] == kept
     with pytest.raises(ValueError, match="unknown engines"):
         engines_for(["openmae", "hf_flash"], "fp32", "cpu")
 
@@ -249,6 +252,7 @@ def test_bench_runs_end_to_end(tmp_path, photo):
         assert len(r["images_per_s_repeats"]) == 2 and r["flops_per_step"] > 0 and r["peak_share"] > 0
     assert {r["precision"] for r in records if r["kind"] == "profile"} == {"fp32", "bf16"}
     assert [r["kind"] for r in records].count("data") == 1
+    assert [r["kind"] for r in records].count("optimizer") == 1
     md = (out / "pretrain_speed.md").read_text()
     for text in (
         "## Targets",
@@ -270,7 +274,9 @@ def test_bench_workers_report_their_own_memory(tmp_path):
         "--no-profile", "--out", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
-    steps = [json.loads(line) for line in (out / "pretrain_speed.jsonl").read_text().splitlines()][1:]
+    records = [json.loads(line) for line in (out / "pretrain_speed.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    assert len(steps) == 2
     for r in steps:
         assert r["memory_kind"] == "peak RSS"
         assert r["idle_memory_bytes"] < r["peak_memory_bytes"] < 8 * 2**30

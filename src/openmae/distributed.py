@@ -10,7 +10,8 @@ What lives here, for the training loop and the recipes:
   state do not fit on one device when replicated;
 - evaluation over the whole validation set, each sample counted once (`ShardedEvalSampler`,
   `all_reduce_sum`, `all_gather_cat`);
-- a clean stop on SIGTERM (`GracefulStop`), which schedulers send before pre-emption.
+- a clean stop on SIGTERM (`GracefulStop`), which schedulers send before pre-emption, and a clear
+  error when another rank dies (`PeerFailureError`). See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------------------
+# A peer that died: say so, instead of a backend's socket error.
 
 
 class PeerFailureError(RuntimeError):

@@ -19,7 +19,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mae bench",
         description="Time MAE pretraining steps (forward, backward, optimizer) against HuggingFace ViTMAE "
         "and the mask-tokens-in-encoder baseline; write pretrain_speed.md and .jsonl.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--configs",
@@ -29,14 +28,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="named configurations (default: tiny base, or none when --model is given)",
     )
     parser.add_argument("--model", default=None, help="also time this registered model (see `mae models`)")
-    parser.add_argument("--batch", type=int, default=8, help="batch size for --model")
-    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
+    parser.add_argument("--batch", type=int, default=8, help="batch size for --model (default: %(default)s)")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=PRECISIONS,
+        default=list(PRECISIONS),
+        help="fp32 and/or bf16 autocast (default: %(default)s)",
+    )
     parser.add_argument(
         "--peers",
         nargs="*",
         choices=[n for n in ENGINES if n != "openmae"],
         default=list(DEFAULT_PEERS),
-        help="engines to compare openmae with",
+        help="engines to compare openmae with (default: %(default)s)",
     )
     parser.add_argument(
         "--steps",
@@ -44,25 +49,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="timed steps per repeat (default: 5 for tiny, 2 for base, 3 for --model)",
     )
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before timing, at least 1")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per engine, interleaved")
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed steps before timing, at least 1 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed repeats per engine, interleaved (default: %(default)s)"
+    )
     parser.add_argument(
         "--max-repeat-seconds",
         type=float,
         default=30.0,
-        help="slower engines run fewer steps per repeat (at least one)",
+        help="seconds a repeat may take: slower engines run fewer steps, at least one (default: %(default)s)",
     )
     parser.add_argument(
         "--slow-repeats",
         type=int,
         default=3,
-        help="repeats for engines whose single step exceeds --max-repeat-seconds",
+        help="repeats for engines whose single step exceeds --max-repeat-seconds (default: %(default)s)",
     )
-    parser.add_argument("--out", default="benchmarks/results", help="output directory")
+    parser.add_argument("--out", default="benchmarks/results", help="output directory (default: %(default)s)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--optimizer", choices=["fused", "foreach"], default="fused", help="AdamW kernel")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of weights, images and masks (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=["fused", "foreach"],
+        default="fused",
+        help="AdamW kernel, the same for every engine (default: %(default)s)",
+    )
     parser.add_argument("--compile", action="store_true", help="also time openmae under torch.compile")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     parser.add_argument("--profile-peers", action="store_true", help="profile every engine, not only openmae")
@@ -76,10 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="JPEG folder for the data-pipeline timing (default: sample photos in a temp dir)",
     )
-    parser.add_argument("--data-items", type=int, default=128, help="images read per data-pipeline timing")
+    parser.add_argument(
+        "--data-items",
+        type=int,
+        default=128,
+        help="images read per data-pipeline timing (default: %(default)s)",
+    )
     parser.add_argument("--no-data", action="store_true", help="skip the data-pipeline timing")
     parser.add_argument(
-        "--peak-size", type=int, default=2048, help="side of the matmuls that measure the peak"
+        "--peak-size",
+        type=int,
+        default=2048,
+        help="side of the matmuls that measure the peak (default: %(default)s)",
     )
     return parser
 

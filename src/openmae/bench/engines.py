@@ -77,15 +77,20 @@ DEFAULT_PEERS = ("mask_tokens", "hf_eager", "hf_sdpa", "hf_eager_gemm32", "hf_sd
 
 
 def engines_for(names: list[str], precision: Precision, device: torch.device | str) -> list[EngineSpec]:
-    """The engines worth running: a `gemm_in_fp32` variant that changes nothing here (fp32, or a
-    CPU with bf16 units, or a GPU) duplicates its plain twin and is dropped, as is
-    `openmae_autocast`, which then equals `openmae`."""
+    """The engines worth running here, in order, without duplicates.
+
+    Where bf16 GEMMs need no help (fp32, a CPU with bf16 units, a GPU) the `*_gemm32` variants
+    and `openmae_autocast` equal their plain twins and are dropped. Where they do, so is
+    `openmae_compile`: inductor would call the slow bf16 kernels.
+    """
     unknown = [n for n in names if n not in ENGINES]
     if unknown:
         raise ValueError(f"unknown engines {unknown}; choose from {sorted(ENGINES)}")
-    useful = needs_gemm_in_fp32(device, precision)
-    redundant = set() if useful else {"hf_eager_gemm32", "hf_sdpa_gemm32", "openmae_autocast"}
-    return [ENGINES[n] for n in dict.fromkeys(names) if n not in redundant]
+    if needs_gemm_in_fp32(device, precision):
+        dropped = {"openmae_compile"}
+    else:
+        dropped = {"hf_eager_gemm32", "hf_sdpa_gemm32", "openmae_autocast"}
+    return [ENGINES[n] for n in dict.fromkeys(names) if n not in dropped]
 
 
 def build_model(spec: EngineSpec, config: MAEConfig, seed: int) -> nn.Module:

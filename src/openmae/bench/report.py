@@ -35,7 +35,8 @@ def render_markdown(records: list[dict]) -> str:
     lines += ["## Targets", "", *_targets(steps), ""]
     groups = dict.fromkeys((r["config"], r["model"], r["batch"]) for r in steps)
     for config, model, batch in groups:
-        lines += [f"## {config}: `{model}`, batch {batch}", ""]
+        title = f"`{model}`" if config == model else f"{config}: `{model}`"
+        lines += [f"## {title}, batch {batch}", ""]
         for precision in dict.fromkeys(r["precision"] for r in steps if r["config"] == config):
             rows = [r for r in steps if r["config"] == config and r["precision"] == precision]
             lines += [f"### {precision}", "", *_step_table(rows), ""]
