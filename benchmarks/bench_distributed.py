@@ -231,8 +231,8 @@ def write_results(
     lines = [
         "# Scale-out on a CPU: DDP and FSDP with torchrun (gloo)",
         "",
-        "Written by `python benchmarks/bench_distributed.py "
-        + " ".join(sys.argv[1:])
+        "Written by `"
+        + " ".join(["python benchmarks/bench_distributed.py", *sys.argv[1:]])
         + f"`. Machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
         + f"load average {load[0]:.1f} before, {load[1]:.1f} after (other work slows every row).",
         "",

@@ -177,7 +177,7 @@ def knn_command(argv: list[str]) -> int:
 @command("eval", "top-1 / top-5 of a classifier checkpoint on labelled images")
 def eval_command(argv: list[str]) -> int:
     from openmae.config import parse_config_cli
-    from openmae.recipes.classify import EvalConfig, evaluate
+    from openmae.recipes.evaluate import EvalConfig, evaluate
 
     metrics = evaluate(parse_config_cli(EvalConfig, argv, parser=_parser("eval", "Score a classifier.")))
     print(

@@ -1,4 +1,4 @@
-"""Linear probing, (partial) fine-tuning and evaluation: `mae linprobe | finetune | eval`.
+"""Linear probing and (partial) fine-tuning: `mae linprobe` and `mae finetune`.
 
 Both training protocols run through the one `Trainer` and the one evaluation; they differ in five
 decisions, each a default of their config:
@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 
 from openmae.config import config_to_dict, save_config
 from openmae.data import DataConfig, build_dataset, build_loader, dataset_mean_std
-from openmae.distributed import init_distributed
+from openmae.distributed import DistInfo, init_distributed
 from openmae.engine.checkpoint import resolve_resume
 from openmae.engine.classify import (
     ClassifyTask,
@@ -306,8 +306,19 @@ def finetune(cfg: FinetuneConfig) -> ClassifyResult:
     return _train(cfg, probe=False)
 
 
-def _train(cfg: ClassifyConfig, probe: bool) -> ClassifyResult:
-    dist = init_distributed(cfg.device)
+@dataclass
+class _Run:
+    """What a run is made of once its input has been checked."""
+
+    model: VisionTransformer
+    train_set: Dataset
+    val_set: Dataset
+    num_classes: int
+    resume_from: Path | None
+
+
+def _prepare(cfg: ClassifyConfig, probe: bool, dist: DistInfo) -> _Run:
+    """Model and data of a run; every input error is a `UsageError`, raised before anything is written."""
     try:
         if cfg.fsdp and dist.enabled:
             raise ValueError("linear probing and fine-tuning run with DDP; set fsdp=false")
@@ -320,43 +331,53 @@ def _train(cfg: ClassifyConfig, probe: bool) -> ClassifyResult:
         if val_set is None:
             raise ValueError("validation images are needed (data.val_path for folders)")
         num_classes = cfg.num_classes or num_classes_of(train_set)
-        train_set = random_subset(train_set, cfg.train_images, cfg.seed)
-        val_set = random_subset(val_set, cfg.val_images, cfg.seed)
-        drop_path = getattr(cfg, "drop_path", 0.0)
-        model = build_classifier(encoder, num_classes, cfg.global_pool, probe, drop_path)
-        trainable = getattr(cfg, "trainable_blocks", None)
-        if trainable is not None:
-            train_only_last_blocks(model, trainable)
-        resume_from = resolve_resume(cfg.resume, cfg.output_dir)
+        model = build_classifier(encoder, num_classes, cfg.global_pool, probe, getattr(cfg, "drop_path", 0.0))
+        if getattr(cfg, "trainable_blocks", None) is not None:
+            train_only_last_blocks(model, cfg.trainable_blocks)
+        return _Run(
+            model,
+            random_subset(train_set, cfg.train_images, cfg.seed),
+            random_subset(val_set, cfg.val_images, cfg.seed),
+            num_classes,
+            resolve_resume(cfg.resume, cfg.output_dir),
+        )
     except (ValueError, FileNotFoundError) as error:
         raise UsageError(str(error)) from error
-    del encoder
 
-    out_dir = Path(cfg.output_dir)
-    num_workers = cfg.data.resolved_num_workers()
-    val_loader = build_loader(val_set, cfg.eval_batch_size, num_workers=num_workers)
+
+def _task(cfg: ClassifyConfig, num_classes: int) -> ClassifyTask:
+    """Fine-tuning: mixup / cutmix and label smoothing as configured; probing: cross-entropy."""
+    if not isinstance(cfg, FinetuneConfig):
+        return ClassifyTask(torch.nn.CrossEntropyLoss())
+    mixup = build_mixup(cfg.mixup, cfg.cutmix, cfg.smoothing, num_classes)
+    return ClassifyTask(build_criterion(mixup, cfg.smoothing), mixup)
+
+
+def _optimizer(cfg: ClassifyConfig, model: VisionTransformer, lr: float) -> torch.optim.Optimizer:
+    if cfg.optim.name == "lars":  # with the probe's trust-ratio rules, which timm's defaults miss
+        return build_lars(model, lr, cfg.optim.weight_decay, cfg.optim.momentum)
+    return build_optimizer(model, cfg.optim, lr)
+
+
+def _train(cfg: ClassifyConfig, probe: bool) -> ClassifyResult:
+    dist = init_distributed(cfg.device)
+    run = _prepare(cfg, probe, dist)
+    model, train_set = run.model, run.train_set
+    out_dir, num_workers = Path(cfg.output_dir), cfg.data.resolved_num_workers()
+    val_loader = build_loader(run.val_set, cfg.eval_batch_size, num_workers=num_workers)
     if probe and not cfg.augment:
         # The encoder is frozen and the images fixed: encode them once, train the head on the features.
         train_set, val_loader = cache_features(model, train_set, val_loader, cfg, dist.device)
         num_workers = 0
     effective_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
     peak_lr = cfg.optim.lr if cfg.optim.lr is not None else absolute_lr(cfg.optim.base_lr, effective_batch)
-    if cfg.optim.name == "lars":
-        optimizer = build_lars(model, peak_lr, cfg.optim.weight_decay, cfg.optim.momentum)
-    else:
-        optimizer = build_optimizer(model, cfg.optim, peak_lr)
-    task = ClassifyTask(torch.nn.CrossEntropyLoss())
-    if isinstance(cfg, FinetuneConfig):
-        mixup = build_mixup(cfg.mixup, cfg.cutmix, cfg.smoothing, num_classes)
-        task = ClassifyTask(build_criterion(mixup, cfg.smoothing), mixup)
-
-    logger = RunLogger(out_dir, enabled=dist.is_main)
     kind = "linprobe" if probe else "finetune"
+    logger = RunLogger(out_dir, enabled=dist.is_main)
     if dist.is_main:
         save_config(cfg, out_dir / "config.yaml")
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(
-            f"{kind}: {trained:,} trainable parameters, {num_classes} classes; effective batch "
+            f"{kind}: {trained:,} trainable parameters, {run.num_classes} classes; effective batch "
             f"{effective_batch} -> lr {peak_lr:.3g} (base lr {cfg.optim.base_lr:g} x {effective_batch} / 256)"
         )
     metadata = {"run_config": json.dumps(config_to_dict(cfg)), "task": kind}
@@ -365,6 +386,7 @@ def _train(cfg: ClassifyConfig, probe: bool) -> ClassifyResult:
     best_path = out_dir / "best.safetensors"
 
     def on_epoch_end(epoch: int) -> dict:
+        """Validation every `eval_every` epochs and after the last; the best weights are kept."""
         if not dist.is_main or not ((epoch + 1) % cfg.eval_every == 0 or trainer.finished):
             return {}
         last_metrics.clear()
@@ -377,9 +399,9 @@ def _train(cfg: ClassifyConfig, probe: bool) -> ClassifyResult:
 
     trainer = Trainer(
         model,
-        task,
+        _task(cfg, run.num_classes),
         train_set,
-        optimizer,
+        _optimizer(cfg, model, peak_lr),
         Schedule(peak_lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.clip_grad),
         cfg,
         dist,
@@ -388,8 +410,8 @@ def _train(cfg: ClassifyConfig, probe: bool) -> ClassifyResult:
         metadata=metadata,
         on_epoch_end=on_epoch_end,
     )
-    if resume_from is not None:
-        trainer.resume(resume_from)
+    if run.resume_from is not None:
+        trainer.resume(run.resume_from)
     progress = trainer.fit()
     weights = out_dir / "model.safetensors"
     if dist.is_main:
@@ -421,58 +443,12 @@ def cache_features(
     return train, build_loader(val, cfg.eval_batch_size)
 
 
-# ------------------------------------------------------------------------------------------------
-# Evaluation of a trained classifier
-
-
-@dataclass
-class EvalConfig:
-    """Top-1 / top-5 of a classifier checkpoint on labelled images."""
-
-    checkpoint: str = field(metadata={"help": "classifier weights (openmae, reference, timm, HF)"})
-    split: str = field(default="val", metadata={"help": "val (= test) | train"})
-    num_heads: int | None = field(
-        default=None, metadata={"help": "attention heads, for files that do not store it"}
-    )
-    img_size: int | None = field(default=None, metadata={"help": "image side (None: the checkpoint's)"})
-    batch_size: int = field(default=256, metadata={"help": "images per batch"})
-    max_images: int | None = field(default=None, metadata={"help": "score only the first N images"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
-    output: str | None = field(default=None, metadata={"help": "also write the metrics to this JSON file"})
-    data: DataConfig = field(default_factory=DataConfig)
-
-
-def evaluate(cfg: EvalConfig) -> dict:
-    """Score `cfg.checkpoint` on `cfg.data`'s split; returns `{"loss", "top1", "top5", "images"}`."""
-    device = init_distributed(cfg.device).device
-    try:
-        overrides = {"num_heads": cfg.num_heads} if cfg.num_heads else {}
-        model = load_checkpoint(cfg.checkpoint, kind="classifier", img_size=cfg.img_size, **overrides)
-        dataset = build_dataset(
-            cfg.data, cfg.split, model.config.img_size, model.config.in_chans, train_transform=False
-        )
-        if dataset is None:
-            raise ValueError("no images to score: set data.val_path (folders) or data.dataset")
-    except (ValueError, FileNotFoundError) as error:
-        raise UsageError(str(error)) from error
-    if cfg.max_images is not None:
-        dataset = Subset(dataset, range(min(cfg.max_images, len(dataset))))
-    loader = build_loader(dataset, cfg.batch_size, num_workers=cfg.data.resolved_num_workers())
-    metrics = classification_metrics(model.to(device), loader, device) | {"images": len(dataset)}
-    if cfg.output:
-        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.output).write_text(json.dumps(metrics, indent=2))
-    return metrics
-
-
 __all__ = [
     "ClassifyResult",
-    "EvalConfig",
     "FinetuneConfig",
     "LinprobeConfig",
     "build_classifier",
     "build_encoder",
-    "evaluate",
     "finetune",
     "linprobe",
 ]

@@ -1,0 +1,58 @@
+"""`mae eval`: top-1 / top-5 of a classifier checkpoint on a labelled folder or Fashion-MNIST's test split."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.utils.data import Subset
+
+from openmae.data import DataConfig, build_dataset, build_loader
+from openmae.distributed import init_distributed
+from openmae.engine.evaluate import classification_metrics
+from openmae.errors import UsageError
+from openmae.interop import load_checkpoint
+
+
+@dataclass
+class EvalConfig:
+    """Top-1 / top-5 of a classifier checkpoint on labelled images."""
+
+    checkpoint: str = field(metadata={"help": "classifier weights (openmae, reference, timm, HF)"})
+    split: str = field(default="val", metadata={"help": "val (= test) | train"})
+    num_heads: int | None = field(
+        default=None, metadata={"help": "attention heads, for files that do not store it"}
+    )
+    img_size: int | None = field(default=None, metadata={"help": "image side (None: the checkpoint's)"})
+    batch_size: int = field(default=256, metadata={"help": "images per batch"})
+    max_images: int | None = field(default=None, metadata={"help": "score only the first N images"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
+    output: str | None = field(default=None, metadata={"help": "also write the metrics to this JSON file"})
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Score `cfg.checkpoint` on `cfg.data`'s split; returns `{"loss", "top1", "top5", "images"}`."""
+    device = init_distributed(cfg.device).device
+    try:
+        overrides = {"num_heads": cfg.num_heads} if cfg.num_heads else {}
+        model = load_checkpoint(cfg.checkpoint, kind="classifier", img_size=cfg.img_size, **overrides)
+        dataset = build_dataset(
+            cfg.data, cfg.split, model.config.img_size, model.config.in_chans, train_transform=False
+        )
+        if dataset is None:
+            raise ValueError("no images to score: set data.val_path (folders) or data.dataset")
+    except (ValueError, FileNotFoundError) as error:
+        raise UsageError(str(error)) from error
+    if cfg.max_images is not None:
+        dataset = Subset(dataset, range(min(cfg.max_images, len(dataset))))
+    loader = build_loader(dataset, cfg.batch_size, num_workers=cfg.data.resolved_num_workers())
+    metrics = classification_metrics(model.to(device), loader, device) | {"images": len(dataset)}
+    if cfg.output:
+        Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.output).write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+__all__ = ["EvalConfig", "evaluate"]
