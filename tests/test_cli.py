@@ -117,8 +117,10 @@ def test_visualize_writes_a_grid_for_given_images_and_for_the_dataset(tmp_path):
 
 def test_demo_runs_end_to_end_on_small_settings(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["model=mae_vit_debug", "data.dataset=synthetic", "data.synthetic_size=16", "data.num_workers=0",
-            "batch_size=8", "epochs=1", f"output_dir={out}", "time_budget_min=null", "--test-images", "8"]  # fmt: skip
+    args = [
+        *["model=mae_vit_debug", "data.dataset=synthetic", "data.synthetic_size=16", "data.num_workers=0"],
+        *["batch_size=8", "epochs=1", f"output_dir={out}", "time_budget_min=null", "--test-images", "8"],
+    ]
     assert main(["demo", *args]) == 0
     results = json.loads((out / "demo_results.json").read_text())
     assert results["test_images"] == 8 and results["masked_mse"] > 0 and results["baseline_mse"] > 0

@@ -8,6 +8,7 @@ one-line error and exit code 2, before anything is written.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -40,7 +41,8 @@ def pretrain_command(argv: list[str]) -> int:
     parser = _parser("pretrain", f"MAE pretraining. Shipped configs: {', '.join(list_shipped_configs())}.")
     cfg = parse_config_cli(PretrainConfig, argv, parser=parser, find_config=shipped_config)
     result = pretrain(cfg)
-    print(f"weights: {result.weights}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone speaks
+        print(f"weights: {result.weights}")
     return 0
 
 
