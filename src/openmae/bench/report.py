@@ -82,7 +82,7 @@ def _header(m: dict) -> list[str]:
         f"- Versions: {versions}",
         f"- Run started {m['started']}, took {_minutes(m.get('duration_s'))}; load average (1/5/15 min) "
         f"before {_load(m.get('load_before'))}, after {_load(m.get('load_after'))}",
-        f"- Matrix-multiply peak measured in this run, GFLOP/s: {'; '.join(peaks)}",
+        f"- Matrix-multiply peak (best of start and end of this run), GFLOP/s: {'; '.join(peaks)}",
         f"- Optimizer: {m['optimizer']} (the same for every engine)",
         "",
         "A step is forward + backward + optimizer step on a fixed batch, warm-up steps excluded. "
