@@ -1,9 +1,9 @@
 """Running each engine in its own process, driven over a pipe.
 
-A process per engine gives each its own peak memory (the high-water mark of RSS cannot be reset
-inside a process) and its own allocator state, while the parent interleaves the engines'
-repeats. `LocalWorker` runs the same requests in the calling process (for tests and debugging;
-memory is then shared and not reported).
+A process per engine gives each engine its own peak memory and allocator state (nothing one
+engine leaves behind weighs on the next), while the parent interleaves the engines' repeats.
+`LocalWorker` runs the same requests in the calling process (for tests and debugging; memory is
+then shared and not reported).
 """
 
 from __future__ import annotations
