@@ -3,9 +3,12 @@
 Run:      python benchmarks/fashion_mnist.py            (full table, ~90 min on 2 idle cores)
           python benchmarks/fashion_mnist.py --quick    (subsets and a few steps: checks the wiring)
 Hardware: sized for 2 CPU cores and no GPU; each row is one `mae` command run as a subprocess.
-Writes:   benchmarks/results/fashion_mnist.md (rewritten after every row, so a partial run shows).
-Expect:   linear probe on MAE features > raw-pixel logistic regression and > probe of a random
-          encoder; MAE + fine-tuning > the same ViT trained from scratch with the same budget.
+Writes:   benchmarks/results/fashion_mnist.md (rewritten after every row, so a partial run shows);
+          --quick writes fashion_mnist_quick.md in its work folder instead.
+Expect:   the first full run (on a machine shared with other jobs, the earlier settings described
+          in the results file): MAE linear probe 80.1% > random-encoder probe 77.7%, but < 84.0% for
+          logistic regression on pixels; MAE + fine-tuning 77.5% > 71.2% from scratch (76.4% with
+          14% more images). Far from converged: see the results file.
 
 Rows: 1 logistic regression on raw pixels (scikit-learn), 2 linear probe of a random encoder,
 3 linear probe of the MAE encoder, 4 k-NN on MAE features, 5 fine-tuning recipe from scratch,
@@ -230,7 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     budget = QUICK if args.quick else FULL
     work = Path(args.work_dir or f"/tmp/openmae-fashion-mnist{'-quick' if args.quick else ''}")
     work.mkdir(parents=True, exist_ok=True)
-    out = Path(args.out or ROOT / "benchmarks/results" / f"fashion_mnist{'_quick' if args.quick else ''}.md")
+    # The quick table only checks the wiring: it stays next to its runs, out of benchmarks/results.
+    results = ROOT / "benchmarks/results/fashion_mnist.md"
+    out = Path(args.out or (work / "fashion_mnist_quick.md" if args.quick else results))
     log = work / "commands.log"
     env = dict(os.environ)
     env_note = ""
@@ -319,15 +324,14 @@ def epochs_trained(folder: Path, epoch_images: int = 60_000) -> float:
 
 
 def pretraining_notes(folder: Path) -> list[str]:
-    """How much pretraining the time budget allowed, read from the run's metrics."""
+    """The pretraining loss at the end, read from the run's metrics."""
     path = folder / "metrics.jsonl"
     if not path.exists():
         return []
     epochs = [json.loads(line) for line in path.read_text().splitlines() if '"train_loss"' in line]
     if not epochs:
         return []
-    last = epochs[-1]
-    return [f"Pretraining ran {last['epoch']} epoch(s); final train loss {last['train_loss']:.4f}."]
+    return [f"Pretraining ended at a train loss (normalised pixels) of {epochs[-1]['train_loss']:.4f}."]
 
 
 if __name__ == "__main__":
