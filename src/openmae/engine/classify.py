@@ -7,6 +7,7 @@ parameters train, the head, the optimizer and the augmentation (see `openmae.rec
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Iterator
 
 import numpy as np
@@ -45,8 +46,6 @@ class ClassifyTask:
 @contextlib.contextmanager
 def numpy_and_python_seeded(seed: int) -> Iterator[None]:
     """Seed NumPy's and Python's global RNGs for a block, then put their states back."""
-    import random
-
     np_state, py_state = np.random.get_state(), random.getstate()
     np.random.seed(seed % 2**32)
     random.seed(seed)
