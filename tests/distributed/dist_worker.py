@@ -6,8 +6,11 @@ every rank exactly as `torchrun -m openmae pretrain` does. Before, each rank wri
 test can tell a finished run from one that crashed, whatever the launcher's exit code says.
 
 With `CHECK_COLLECTIVES=1` in the environment each rank then also runs the evaluation helpers of
-`openmae.distributed` on a small index set, in the run's process group, and prints what it got
-(`COLLECTIVES {json}`).
+`openmae.distributed` on a small index set, in the run's process group, and writes what it got to
+`<output_dir>/collectives-rank<R>.json`.
+
+Ranks share one stdout: every marker goes out in a single `write` (atomic on a pipe), as a `print`
+of text and newline is two writes that another rank's output can land between.
 """
 
 import json
@@ -16,7 +19,17 @@ import sys
 from pathlib import Path
 
 
-def check_collectives() -> int:
+def say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def output_dir(argv: list[str]) -> Path | None:
+    out_dirs = [arg.split("=", 1)[1] for arg in argv if arg.startswith("output_dir=")]
+    return Path(out_dirs[-1]) if out_dirs else None
+
+
+def check_collectives(out_dir: Path) -> int:
     import torch
 
     from openmae import distributed as d
@@ -26,7 +39,7 @@ def check_collectives() -> int:
     sums = d.all_reduce_sum(torch.tensor([float(indices.sum()), float(len(indices))]))
     rows = d.all_gather_cat(torch.stack([indices, indices * 10], dim=1))  # [N_r, 2] -> [11, 2]
     result = {"rank": info.rank, "sums": sums.tolist(), "rows": rows.tolist()}
-    print("COLLECTIVES " + json.dumps(result), flush=True)
+    (out_dir / f"collectives-rank{info.rank}.json").write_text(json.dumps(result))
     d.cleanup()
     return 0
 
@@ -34,16 +47,16 @@ def check_collectives() -> int:
 def run_cli(argv: list[str]) -> int:
     from openmae.cli import main
 
-    out_dirs = [arg.split("=", 1)[1] for arg in argv if arg.startswith("output_dir=")]
-    if out_dirs:
-        Path(out_dirs[-1]).mkdir(parents=True, exist_ok=True)
-        (Path(out_dirs[-1]) / f"pid-rank{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
+    out_dir = output_dir(argv)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"pid-rank{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
     return main(argv)
 
 
 if __name__ == "__main__":
     code = run_cli(sys.argv[1:])
     if code == 0 and os.environ.get("CHECK_COLLECTIVES") == "1":
-        code = check_collectives()
-    print(f"DONE rank={os.environ.get('RANK', '0')} code={code}", flush=True)
+        code = check_collectives(output_dir(sys.argv[1:]))
+    say(f"DONE rank={os.environ.get('RANK', '0')} code={code}")
     sys.exit(code)
