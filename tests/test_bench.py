@@ -7,102 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from openmae.bench import engines, main
 from openmae.bench.data import crop_boxes, decode_crops, draft_crops
 from openmae.bench.engines import ENGINES, TrainStep, build_optimizer, engines_for, step_flops
-from openmae.bench.precision import Bf16GemmInFp32
 from openmae.bench.profiling import category
 from openmae.bench.run import _steps_per_repeat
-from openmae.models import create_model, layers, model_config
+from openmae.models import create_model, model_config
 
 B = 4
-
-
-def debug_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(B, 3, 32, 32, generator=generator), torch.rand(B, 16, generator=generator)
-
-
-def loss_and_grads(model, imgs, noise, bf16: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    model.zero_grad(set_to_none=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = model(imgs, noise=noise).loss
-    loss.backward()
-    return loss.detach().float(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-
-def relative_error(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    diff = torch.cat([(x - y).flatten().float() for x, y in zip(a, b, strict=True)])
-    ref = torch.cat([y.flatten().float() for y in b])
-    return float(diff.norm() / ref.norm())
-
-
-@pytest.fixture
-def model():
-    torch.manual_seed(0)
-    return create_model("mae_vit_debug").train()
-
-
-# ---------------------------------------------------------------------------------------------
-# Speed options keep the results.
-
-
-def test_gemm_in_fp32_changes_nothing_in_fp32(model):
-    imgs, noise = debug_batch()
-    loss, grads = loss_and_grads(model, imgs, noise, bf16=False)
-    with Bf16GemmInFp32():
-        loss2, grads2 = loss_and_grads(model, imgs, noise, bf16=False)
-    assert torch.equal(loss, loss2)
-    assert all(torch.equal(g, g2) for g, g2 in zip(grads, grads2, strict=True))
-
-
-def test_gemm_in_fp32_matches_bf16_autocast(model):
-    imgs, noise = debug_batch()
-    loss, grads = loss_and_grads(model, imgs, noise, bf16=True)
-    with Bf16GemmInFp32():
-        loss2, grads2 = loss_and_grads(model, imgs, noise, bf16=True)
-    exact, _ = loss_and_grads(model, imgs, noise, bf16=False)
-    assert abs(float(loss2 - loss)) < 2e-2 * float(loss)
-    assert relative_error(grads2, grads) < 3e-2
-    assert abs(float(loss2 - exact)) < 2e-2 * float(exact)  # still a bf16 result of the same model
-
-
-def test_gemm_in_fp32_rounds_products_to_bf16():
-    a = torch.randn(8, 16, dtype=torch.bfloat16)
-    b = torch.randn(16, 4, dtype=torch.bfloat16)
-    with Bf16GemmInFp32():
-        out = a @ b
-    assert out.dtype == torch.bfloat16
-    expected = (a.double() @ b.double()).to(torch.bfloat16)  # exact products, one rounding
-    assert torch.allclose(out.float(), expected.float(), rtol=1e-2, atol=1e-2)
-
-
-def test_cpu_bf16_attention_path_matches_plain_sdpa(model, monkeypatch):
-    imgs, noise = debug_batch()
-    monkeypatch.setattr(layers, "_slow_low_precision_cpu", lambda x: True)
-    loss, grads = loss_and_grads(model, imgs, noise, bf16=True)
-    monkeypatch.setattr(layers, "_slow_low_precision_cpu", lambda x: False)
-    plain_loss, plain_grads = loss_and_grads(model, imgs, noise, bf16=True)
-    assert abs(float(loss - plain_loss)) < 2e-2 * float(plain_loss)
-    assert relative_error(grads, plain_grads) < 3e-2
-
-
-def test_attention_is_plain_sdpa_in_fp32():
-    q, k, v = torch.randn(3, 2, 4, 9, 8).unbind(0)
-    assert torch.equal(layers.attention(q, k, v), F.scaled_dot_product_attention(q, k, v))
-
-
-def test_cpu_bf16_attention_is_computed_in_fp32(monkeypatch):
-    monkeypatch.setattr(layers, "_slow_low_precision_cpu", lambda x: True)
-    q, k, v = torch.randn(3, 2, 4, 9, 8).to(torch.bfloat16).unbind(0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = layers.attention(q, k, v)
-    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(torch.bfloat16)
-    assert out.dtype == torch.bfloat16
-    assert torch.equal(out, expected)
 
 
 def test_fused_adamw_matches_foreach():

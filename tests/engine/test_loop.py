@@ -1,12 +1,15 @@
 """The training loop, exercised through the pretraining recipe on the debug model and synthetic images."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from openmae.config import load_config
+from openmae.engine import loop
+from openmae.engine.loop import Progress, Trainer
 from openmae.recipes.pretrain import PretrainConfig, pretrain
 
 TINY_RUN = [
@@ -94,3 +97,28 @@ def test_a_time_budget_shortens_the_schedule_after_calibration(tmp_path):
     assert result.progress.step == 10
     assert result.progress.planned_images == 20
     assert result.weights.exists() and (result.output_dir / "checkpoint-00000010.safetensors").exists()
+
+
+def test_a_time_budget_is_replanned_as_the_measured_speed_changes(monkeypatch):
+    # The plan after 10 steps assumes the first rate; when steps then slow down, the re-plan at step
+    # 20 follows the rate measured since the start. A fake clock keeps the numbers exact.
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    trainer = SimpleNamespace(
+        cfg=SimpleNamespace(time_budget_min=1.0, epochs=100),
+        progress=Progress(),
+        dist=SimpleNamespace(world_size=1, is_main=False),
+        epoch_images=1000,
+        global_batch=10,
+        run_started=0.0,
+        first_step=0,
+        next_plan_step=10,
+    )
+    plans = []
+    for step, now in [(9, 0.9), (10, 1.0), (19, 3.0), (20, 4.0), (39, 50.0)]:
+        trainer.progress.step, trainer.progress.images_seen, clock.now = step, 10 * step, now
+        Trainer.plan_time_budget(trainer)
+        plans.append(trainer.progress.planned_images)
+    # 100 images/s over 59 s left -> 100 + 5900; then 50 images/s over 56 s -> 200 + 2800.
+    assert plans == [0, 6000, 6000, 3000, 3000]
+    assert trainer.next_plan_step == 40

@@ -9,9 +9,8 @@ import sys
 import torch
 
 from openmae.bench.engines import DEFAULT_PEERS, ENGINES
-from openmae.bench.precision import PRECISIONS
 from openmae.bench.report import write_results
-from openmae.bench.run import BenchOptions, custom_config, log, named_configs, run_benchmark
+from openmae.bench.run import BENCH_PRECISIONS, BenchOptions, custom_config, log, named_configs, run_benchmark
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--precisions",
         nargs="+",
-        choices=PRECISIONS,
-        default=list(PRECISIONS),
+        choices=BENCH_PRECISIONS,
+        default=list(BENCH_PRECISIONS),
         help="fp32 and/or bf16 autocast (default: %(default)s)",
     )
     parser.add_argument(

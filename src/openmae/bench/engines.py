@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from openmae.bench.precision import Precision, autocast, gemm_context, needs_gemm_in_fp32
+from openmae.engine.precision import Precision, autocast, gemm_context, needs_gemm_in_fp32
 from openmae.models import MAEConfig, MaskedAutoencoder
 
 

@@ -13,7 +13,7 @@ from importlib import metadata
 
 import torch
 
-from openmae.bench.precision import Bf16GemmInFp32, Precision, needs_gemm_in_fp32
+from openmae.engine.precision import Bf16GemmInFp32, Precision, needs_gemm_in_fp32
 from openmae.models.layers import cpu_has_matrix_units
 
 _CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")

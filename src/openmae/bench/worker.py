@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from openmae.bench.engines import EngineSpec, TrainStep
-from openmae.bench.precision import Precision
 from openmae.bench.profiling import profile_step
+from openmae.engine.precision import Precision
 from openmae.models import MAEConfig
 
 

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -40,12 +40,11 @@ from openmae.engine.checkpoint import (
     save_run_checkpoint,
 )
 from openmae.engine.optim import set_lr
+from openmae.engine.precision import Precision, autocast, check_precision, gemm_context
 from openmae.engine.sampler import SeededDataset, SeededSampler, collate_seeded
 from openmae.engine.schedule import warmup_cosine_lr
 from openmae.interop import save_checkpoint
 from openmae.logging import RunLogger
-
-Precision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -121,12 +120,6 @@ def format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
-
-
-def check_precision(precision: str, device: torch.device) -> None:
-    """fp16 needs a CUDA GPU (it relies on a grad scaler); say so before anything runs."""
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError(f"precision fp16 needs a CUDA GPU (it uses a grad scaler), not {device}; use bf16")
 
 
 class Trainer:
@@ -226,23 +219,29 @@ class Trainer:
     def total_images(self) -> int:
         return self.progress.planned_images or self.cfg.epochs * self.epoch_images
 
-    def plan_time_budget(self, started: float, first_step: int) -> None:
-        """After a few steps, shorten the schedule to the images that fit in `time_budget_min`."""
+    def plan_time_budget(self) -> None:
+        """Fit the schedule into `time_budget_min`: plan after 10 steps, then re-plan after 20, 40, 80...
+
+        Each plan measures the rate since the run started, so a machine that slows down (or speeds
+        up) part-way is followed; the plan stays inside `epochs`. Steps, not clocks, decide when to
+        plan, so every rank plans at the same step. A resumed run keeps the plan it was saved with.
+        """
         p, budget = self.progress, self.cfg.time_budget_min
-        calibration_steps = 10
-        if not budget or p.planned_images or p.step - first_step < calibration_steps:
+        if self.next_plan_step is None or p.step < self.next_plan_step:
             return
-        elapsed = time.perf_counter() - started
-        rate = torch.tensor((p.step - first_step) * self.global_batch / elapsed)
+        steps_run = p.step - self.first_step
+        self.next_plan_step = self.first_step + 2 * steps_run
+        elapsed = time.perf_counter() - self.run_started
+        rate = torch.tensor(steps_run * self.global_batch / elapsed)
         rate = float(all_reduce_sum(rate)) / self.dist.world_size  # the same plan on every rank
         fit = p.images_seen + rate * max(budget * 60 - elapsed, 0)
         steps = max(int(min(fit, self.cfg.epochs * self.epoch_images)) // self.global_batch, 1)
-        planned = steps * self.global_batch
-        p.planned_images = max(planned, p.images_seen)
-        if self.dist.is_main:
+        planned = max(steps * self.global_batch, p.images_seen)
+        previous, p.planned_images = p.planned_images, planned
+        if self.dist.is_main and abs(planned - previous) > 0.02 * planned:
             tqdm.write(
-                f"time budget {budget:g} min at {rate:.0f} images/s: training for {p.planned_images} images "
-                f"({p.planned_images / self.epoch_images:.2f} epochs)"
+                f"time budget {budget:g} min at {rate:.0f} images/s: training for {planned} images "
+                f"({planned / self.epoch_images:.2f} epochs)"
             )
 
     def lr_now(self) -> float:
@@ -254,12 +253,6 @@ class Trainer:
             s.peak_lr,
             s.min_lr,
         )
-
-    def autocast(self):
-        if self.cfg.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     # ----------------------------------------------------------------------------------------
 
@@ -317,6 +310,9 @@ class Trainer:
         step, with a checkpoint to resume from.
         """
         self.run_started, self.first_step = time.perf_counter(), self.progress.step
+        calibration_steps = 10
+        planning = self.cfg.time_budget_min and not self.progress.planned_images
+        self.next_plan_step = self.first_step + calibration_steps if planning else None
         try:
             with self.stop:
                 while self.progress.epoch < self.cfg.epochs and not self.finished:
@@ -384,7 +380,7 @@ class Trainer:
                 bar.close()
                 return True
             loss, step_skipped = self.optimizer_step(micro_batches)
-            self.plan_time_budget(self.run_started, self.first_step)
+            self.plan_time_budget()
             skipped += step_skipped
             steps_done += 1
             interval_steps += 1
@@ -453,8 +449,8 @@ class Trainer:
             # it would keep whole (unsharded) gradients, the memory FSDP is there to save.
             ddp = self.dist.enabled and not self.sharded
             sync = self.train_model.no_sync() if ddp and not last else contextlib.nullcontext()
-            with sync:
-                with self.autocast():
+            with sync, gemm_context(self.device, cfg.precision):
+                with autocast(self.device, cfg.precision):
                     loss, _ = self.task(self.train_model, (images, labels, seeds), self.device)
                 self.scaler.scale(loss / cfg.accum_iter).backward()
             total += loss.detach() / cfg.accum_iter

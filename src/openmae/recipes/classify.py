@@ -40,8 +40,9 @@ from openmae.engine.classify import (
 )
 from openmae.engine.evaluate import classification_metrics
 from openmae.engine.features import extract_features
-from openmae.engine.loop import Progress, Schedule, TrainConfig, Trainer, check_precision
+from openmae.engine.loop import Progress, Schedule, TrainConfig, Trainer
 from openmae.engine.optim import OptimConfig, build_optimizer
+from openmae.engine.precision import check_precision
 from openmae.engine.schedule import absolute_lr
 from openmae.errors import UsageError
 from openmae.interop import load_checkpoint, save_checkpoint

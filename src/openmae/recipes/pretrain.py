@@ -18,8 +18,9 @@ from openmae.data import DataConfig, build_dataset, build_loader, dataset_mean_s
 from openmae.distributed import init_distributed
 from openmae.engine.checkpoint import resolve_resume
 from openmae.engine.evaluate import reconstruction_error
-from openmae.engine.loop import Progress, Schedule, TrainConfig, Trainer, check_precision
+from openmae.engine.loop import Progress, Schedule, TrainConfig, Trainer
 from openmae.engine.optim import OptimConfig, build_optimizer
+from openmae.engine.precision import check_precision
 from openmae.engine.sampler import noise_from_seeds
 from openmae.engine.schedule import absolute_lr
 from openmae.errors import UsageError
