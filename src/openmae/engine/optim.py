@@ -28,7 +28,10 @@ class OptimConfig:
     layer_decay: float | None = field(default=None, metadata={"help": "layer-wise lr decay (e.g. 0.75)"})
     warmup_epochs: float = field(default=40.0, metadata={"help": "linear warm-up length in epochs"})
     clip_grad: float | None = field(default=None, metadata={"help": "clip the gradient norm to this value"})
-    fused: bool = field(default=False, metadata={"help": "use the fused (single kernel) optimizer step"})
+    fused: bool = field(
+        default=True,
+        metadata={"help": "AdamW as one fused kernel per step (~4x faster step than per-tensor loops)"},
+    )
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
@@ -36,7 +39,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     kwargs: dict = {}
     if cfg.name in ("adamw", "adam"):
         kwargs["betas"] = tuple(cfg.betas)
-        if cfg.fused:
+        if cfg.fused and fused_adamw_supported(model):
             kwargs["fused"] = True
     elif cfg.name in ("sgd", "momentum", "lars", "nlars"):
         kwargs["momentum"] = cfg.momentum
@@ -48,6 +51,11 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
         layer_decay=cfg.layer_decay,
         **kwargs,
     )
+
+
+def fused_adamw_supported(model: nn.Module) -> bool:
+    """Whether torch's fused AdamW kernel runs on every parameter's device (CPU, CUDA, XPU, MPS)."""
+    return all(p.device.type in ("cpu", "cuda", "xpu", "mps") for p in model.parameters())
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
