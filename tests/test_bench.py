@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from openmae.bench import engines, main
-from openmae.bench.data import crop_boxes, decode_crops, draft_crops
 from openmae.bench.engines import ENGINES, TrainStep, build_optimizer, engines_for, step_flops
 from openmae.bench.profiling import category
 from openmae.bench.run import _steps_per_repeat
+from openmae.data.jpeg import crop_boxes, decode_crops, draft_crops
 from openmae.models import create_model, model_config
 
 B = 4

@@ -3,10 +3,11 @@
 Three pipelines, each timed in one process ("per worker") and through a DataLoader with several
 worker processes ("total"):
 
-- `openmae`: the library's own, `ImageFolderDataset` + `pretrain_transform` (full-size decode to
-  float, RandomResizedCrop 0.2-1 bicubic, flip, normalise).
-- `draft`: the same augmentation from a reduced-size decode: the crop is drawn first (it needs
-  only the image size in the header), then the JPEG decoder scales by 1/2, 1/4 or 1/8 in the DCT
+- `openmae`: `ImageFolderDataset` + `pretrain_transform` alone (full-size decode to float,
+  RandomResizedCrop 0.2-1 bicubic, flip, normalise), the path of non-JPEG files.
+- `draft`: the same augmentation from a reduced-size decode (`openmae.data.jpeg`, what training
+  on JPEG folders uses unless `data.fast_decode=false`): the crop is drawn first (it needs only
+  the image size in the header), then the JPEG decoder scales by 1/2, 1/4 or 1/8 in the DCT
   domain as long as the crop keeps at least the output size, and PIL crops and resizes in one
   call. The output differs from a full decode only by resampling detail.
 - `draft x k`: repeated sampling, k crops of one decoded image (several views per read).
@@ -14,7 +15,6 @@ worker processes ("total"):
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import RandomResizedCrop
 
 from openmae.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, find_images, pretrain_transform
+from openmae.data.jpeg import draft_crops, to_normalized_tensor
 
 PHOTO_SIZES = (320, 500, 800)  # longer side in pixels; ImageNet photos are mostly ~500 x 375
 
@@ -55,60 +55,6 @@ def make_photo_folder(root: str | Path, sizes: Sequence[int] = PHOTO_SIZES, qual
             resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
             resized.save(root / f"{name}_{size}.jpg", quality=quality)
     return root
-
-
-Box = tuple[int, int, int, int]  # top, left, height, width in full-size pixels
-
-
-def crop_boxes(
-    image: Image.Image,
-    views: int,
-    scale: tuple[float, float] = (0.2, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-) -> list[Box]:
-    """`views` RandomResizedCrop boxes for an opened (not yet decoded) image."""
-    return [tuple(RandomResizedCrop.get_params(image, list(scale), list(ratio))) for _ in range(views)]
-
-
-def decode_crops(path: str | Path, boxes: list[Box], size: int, draft: bool = True) -> list[Image.Image]:
-    """Decode a JPEG once and cut `size x size` bicubic crops from it, one per box.
-
-    With `draft`, the decoder scales by 1/2, 1/4 or 1/8 in the DCT domain while the smallest box
-    keeps at least `size` pixels on both sides; boxes are mapped to the reduced image.
-    """
-    with Image.open(path) as image:
-        full_w, full_h = image.size
-        smallest_side = min(min(h, w) for _, _, h, w in boxes)
-        reduce = 1
-        while draft and reduce < 8 and smallest_side // (2 * reduce) >= size:
-            reduce *= 2
-        if reduce > 1:
-            image.draft("RGB", (math.ceil(full_w / reduce), math.ceil(full_h / reduce)))
-        image = image.convert("RGB")  # decodes, at the draft scale (>= the size asked for)
-        sx, sy = image.width / full_w, image.height / full_h
-        return [
-            image.resize(
-                (size, size), Image.BICUBIC, box=(left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            )
-            for top, left, h, w in boxes
-        ]
-
-
-def draft_crops(path: str | Path, size: int, views: int = 1) -> list[Image.Image]:
-    """The pretraining augmentation from one reduced-size decode: `views` random resized crops
-    (area 0.2-1, aspect 3/4-4/3, bicubic), each flipped horizontally with probability 1/2."""
-    with Image.open(path) as image:
-        boxes = crop_boxes(image, views)  # reads only the header
-    crops = decode_crops(path, boxes, size)
-    return [c.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(()) < 0.5 else c for c in crops]
-
-
-def to_normalized_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """PIL RGB -> float `[3, H, W]`, `(x / 255 - mean) / std`."""
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()  # [3, H, W]
-    mean_t = torch.tensor(mean).view(-1, 1, 1)
-    std_t = torch.tensor(std).view(-1, 1, 1)
-    return x.div_(255).sub_(mean_t).div_(std_t)
 
 
 class DraftCropImages(Dataset):

@@ -1,5 +1,7 @@
 """Data: image folders, Fashion-MNIST, synthetic images, transforms, mean/std, loaders.
 
+Pretraining on JPEG folders decodes at reduced size when the random crop allows (`jpeg`).
+
 Every dataset yields `(image [C, H, W] float, label)`; folder datasets yield None for a file that
 cannot be decoded, which `collate_skip` drops and counts in `Batch.num_skipped`.
 """
@@ -14,6 +16,7 @@ from openmae.data.images import (
     decode_image,
     read_image,
 )
+from openmae.data.jpeg import JpegPretrainTransform
 from openmae.data.loader import Batch, build_loader, collate_skip, default_num_workers
 from openmae.data.stats import RunningMoments, compute_mean_std
 from openmae.data.synthetic import SyntheticImages
@@ -34,6 +37,7 @@ __all__ = [
     "DataConfig",
     "FashionMNIST",
     "ImageFolderDataset",
+    "JpegPretrainTransform",
     "RunningMoments",
     "SyntheticImages",
     "UnreadableImageError",

@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from openmae.data.fashion_mnist import FashionMNIST
 from openmae.data.folder import ImageFolderDataset, has_class_folders, list_classes
 from openmae.data.images import Channels
+from openmae.data.jpeg import JpegPretrainTransform
 from openmae.data.loader import default_num_workers
 from openmae.data.synthetic import SyntheticImages
 from openmae.data.transforms import Size, default_mean_std, eval_transform, pretrain_transform
@@ -45,6 +46,13 @@ class DataConfig:
         default=(0.2, 1.0), metadata={"help": "RandomResizedCrop area range for training"}
     )
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips for training"})
+    fast_decode: bool = field(
+        default=True,
+        metadata={
+            "help": "training on JPEG folders with RGB input: decode at 1/2-1/8 size when the random "
+            "crop allows (PIL draft mode); false: always decode at full size"
+        },
+    )
     eval_crop_pct: float = field(
         default=0.875, metadata={"help": "evaluation on folders: resize to img_size / this, then centre crop"}
     )
@@ -107,11 +115,14 @@ def build_dataset(
     if cfg.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}; got {cfg.dataset!r}")
     channels = _resolve_channels(cfg.channels, in_chans)
-    transform = None
+    transform = jpeg_transform = None
     if not raw:
         mean, std = dataset_mean_std(cfg, in_chans)
         if train_transform:
             transform = pretrain_transform(img_size, mean, std, cfg.crop_scale, cfg.hflip)
+            if cfg.fast_decode and channels in ("rgb", 3):
+                # The same augmentation, drawn while decoding JPEGs at reduced size.
+                jpeg_transform = JpegPretrainTransform(img_size, mean, std, cfg.crop_scale, cfg.hflip)
         else:
             # Fashion-MNIST and synthetic images are already (about) the model's size: no crop.
             crop_pct = cfg.eval_crop_pct if cfg.dataset == "folder" else None
@@ -123,17 +134,20 @@ def build_dataset(
     if cfg.dataset == "synthetic":
         seed = 0 if split == "train" else 1
         return SyntheticImages(cfg.synthetic_size, img_size, in_chans, seed=seed, transform=transform)
-    return _build_folder(cfg, split, channels, transform)
+    return _build_folder(cfg, split, channels, transform, jpeg_transform)
 
 
-def _build_folder(cfg: DataConfig, split: str, channels: Channels, transform) -> Dataset | None:
+def _build_folder(
+    cfg: DataConfig, split: str, channels: Channels, transform, jpeg_transform
+) -> Dataset | None:
     if split == "train":
         if cfg.path is None:
             raise ValueError("data.path must name the image folder for data.dataset='folder'")
-        return ImageFolderDataset(cfg.path, transform, channels, cfg.labels)
+        return ImageFolderDataset(cfg.path, transform, channels, cfg.labels, jpeg_transform=jpeg_transform)
     if cfg.val_path is None:
         return None
-    return ImageFolderDataset(cfg.val_path, transform, channels, cfg.labels, _training_classes(cfg))
+    classes = _training_classes(cfg)
+    return ImageFolderDataset(cfg.val_path, transform, channels, cfg.labels, classes, jpeg_transform)
 
 
 def _training_classes(cfg: DataConfig) -> list[str] | None:

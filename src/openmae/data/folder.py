@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from openmae.data.images import IMAGE_EXTENSIONS, Channels, UnreadableImageError, is_image_file, read_image
+from openmae.data.jpeg import is_jpeg
 
 Labels = Literal["auto", "folders", "none"]
 
@@ -58,6 +59,9 @@ class ImageFolderDataset(Dataset):
             own and some sub-folder has.
         classes: the class names to index by, e.g. the training set's for a validation folder, so
             labels agree even when a split misses a class. Default: the sub-folders of `root`.
+        jpeg_transform: decodes and transforms a .jpg / .jpeg file in one step (path -> tensor, e.g.
+            `JpegPretrainTransform`, which decodes at reduced size), instead of `read_image` then
+            `transform`; other files take the usual path. It must raise `UnreadableImageError`.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class ImageFolderDataset(Dataset):
         channels: Channels = "keep",
         labels: Labels = "auto",
         classes: Sequence[str] | None = None,
+        jpeg_transform: Callable[[Path], torch.Tensor] | None = None,
     ) -> None:
         root = Path(root)
         if not root.is_dir():
@@ -76,6 +81,7 @@ class ImageFolderDataset(Dataset):
         self.root = root
         self.transform = transform
         self.channels = channels
+        self.jpeg_transform = jpeg_transform
         self.samples = self._scan(labels, classes)
         self.targets = [label for _, label in self.samples]
         self._warned: set[Path] = set()
@@ -116,7 +122,7 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         path, label = self.samples[index]
         try:
-            image = read_image(path, self.channels)
+            image = self._load(path)
         except UnreadableImageError as error:
             # Each worker process holds its own copy of `_warned`, so a file warns at most once per worker.
             if path not in self._warned:
@@ -125,6 +131,11 @@ class ImageFolderDataset(Dataset):
                     f"skipping unreadable image {path}: {error.__cause__}", UnreadableImageWarning, 2
                 )
             return None
-        if self.transform is not None:
-            image = self.transform(image)
         return image, label
+
+    def _load(self, path: Path) -> torch.Tensor:
+        """The decoded, transformed image; raises `UnreadableImageError`."""
+        if self.jpeg_transform is not None and is_jpeg(path):
+            return self.jpeg_transform(path)
+        image = read_image(path, self.channels)
+        return image if self.transform is None else self.transform(image)

@@ -1,0 +1,145 @@
+"""The pretraining augmentation fused with a reduced-size JPEG decode (PIL's draft mode).
+
+A random resized crop needs only the image size, which a JPEG header gives before any pixel is
+decoded. Drawing the crop box first lets the decoder scale by 1/2, 1/4 or 1/8 in the DCT domain
+(`Image.draft`) as long as the crop keeps at least the output size; one PIL bicubic resize then
+cuts and scales the crop. The result differs from a full-size decode followed by the same crop
+only by resampling detail (mean absolute difference < 0.01 in [0, 1] units on photos). The
+saving grows with the photo-to-output size ratio; even without reduction the uint8 crop-resize
+beats the float one (a 500 x 333 photo, one core: 3.6 -> 2.7 ms at 224 px, 2.8 -> 1.6 ms at 112).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.layers import to_2tuple
+from torchvision.transforms import RandomResizedCrop
+
+from openmae.data.images import UnreadableImageError
+from openmae.data.transforms import Size
+
+JPEG_EXTENSIONS = (".jpg", ".jpeg")
+
+Box = tuple[int, int, int, int]  # top, left, height, width in full-size pixels
+
+
+def is_jpeg(path: str | Path) -> bool:
+    """True for a .jpg / .jpeg name (case-insensitive)."""
+    return Path(path).suffix.lower() in JPEG_EXTENSIONS
+
+
+def crop_boxes(
+    image: Image.Image,
+    views: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> list[Box]:
+    """`views` RandomResizedCrop boxes for an opened (not yet decoded) image.
+
+    Drawn from torch's global RNG, as torchvision's transforms are, so `seeded_rng` replays them.
+    """
+    return [tuple(RandomResizedCrop.get_params(image, list(scale), list(ratio))) for _ in range(views)]
+
+
+def draft_decode(image: Image.Image, crop: tuple[int, int], size: Size) -> tuple[Image.Image, float]:
+    """Decode an opened JPEG to RGB at the smallest of the scales 1, 1/2, 1/4, 1/8 at which a
+    `crop = (height, width)` region (full-size pixels) still covers `size`.
+
+    Returns the decoded image and its scale: full-size pixel coordinates times it give decoded
+    ones. Other formats (or a JPEG that cannot be drafted) decode at full size, scale 1.
+    """
+    out_h, out_w = to_2tuple(size)
+    crop_h, crop_w = crop
+    reduce = 1
+    while reduce < 8 and crop_h / (2 * reduce) >= out_h and crop_w / (2 * reduce) >= out_w:
+        reduce *= 2
+    scale = 1.0
+    if reduce > 1:
+        full_w, full_h = image.size
+        # PIL picks the largest DCT scale s <= min(full // requested): floor, so that odd sizes reduce too.
+        drafted = image.draft("RGB", (full_w // reduce, full_h // reduce))
+        if drafted is not None:
+            # The full image's extent in decoded pixels: exactly full size / the DCT scale used.
+            scale = drafted[1][2] / full_w
+    image.load()  # decodes, at the draft scale
+    return (image if image.mode == "RGB" else image.convert("RGB")), scale
+
+
+def decode_crops(path: str | Path, boxes: Sequence[Box], size: Size, draft: bool = True) -> list[Image.Image]:
+    """Decode a JPEG once and cut a bicubic `size` crop from it per box (PIL RGB images).
+
+    With `draft`, the decoder reduces the image as far as the smallest box allows.
+    """
+    with Image.open(path) as image:
+        return _decode_crops(image, boxes, size, draft)
+
+
+def _decode_crops(image: Image.Image, boxes: Sequence[Box], size: Size, draft: bool) -> list[Image.Image]:
+    out_h, out_w = to_2tuple(size)
+    smallest = (min(h for _, _, h, _ in boxes), min(w for _, _, _, w in boxes))
+    decoded, s = draft_decode(image, smallest, size) if draft else (image.convert("RGB"), 1.0)
+    return [
+        decoded.resize((out_w, out_h), Image.BICUBIC, box=(left * s, top * s, (left + w) * s, (top + h) * s))
+        for top, left, h, w in boxes
+    ]
+
+
+def draft_crops(
+    path: str | Path,
+    size: Size,
+    views: int = 1,
+    crop_scale: tuple[float, float] = (0.2, 1.0),
+    hflip: bool = True,
+) -> list[Image.Image]:
+    """The pretraining augmentation from one reduced-size decode: `views` random resized crops
+    (area share in `crop_scale`, aspect 3/4-4/3, bicubic), each flipped horizontally with
+    probability 1/2 when `hflip`. Random draws come from torch's global RNG."""
+    with Image.open(path) as image:
+        boxes = crop_boxes(image, views, crop_scale)  # reads only the header
+        crops = _decode_crops(image, boxes, size, draft=True)
+    if not hflip:
+        return crops
+    return [c.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand(()) < 0.5 else c for c in crops]
+
+
+def to_normalized_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """PIL RGB -> float `[3, H, W]`, `(x / 255 - mean) / std`."""
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()  # [3, H, W]
+    mean_t = torch.tensor(mean).view(-1, 1, 1)
+    std_t = torch.tensor(std).view(-1, 1, 1)
+    return x.div_(255).sub_(mean_t).div_(std_t)
+
+
+@dataclass(frozen=True)
+class JpegPretrainTransform:
+    """`pretrain_transform` applied while decoding a JPEG file: path -> normalised `[3, *img_size]`.
+
+    Same augmentation (RandomResizedCrop with area share in `crop_scale`, aspect 3/4-4/3, bicubic;
+    optional horizontal flip; `(x - mean) / std`), drawn from torch's global RNG, so a sample
+    seeded by `SeededDataset` gets the same crop and flip on every replay.
+
+    Raises:
+        UnreadableImageError: the file cannot be decoded.
+    """
+
+    img_size: Size
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+
+    def __call__(self, path: str | Path) -> torch.Tensor:
+        try:
+            (crop,) = draft_crops(path, self.img_size, 1, self.crop_scale, self.hflip)
+        except MemoryError:
+            raise
+        except Exception as error:
+            # As in `decode_image`: decoders raise many types on damaged files.
+            raise UnreadableImageError(f"cannot read image {path}: {error}") from error
+        return to_normalized_tensor(crop, self.mean, self.std)
