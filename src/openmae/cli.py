@@ -165,27 +165,31 @@ def finetune_command(argv: list[str]) -> int:
 @command("knn", "k-NN accuracy of an encoder's frozen features (k=20, cosine, T=0.07)")
 def knn_command(argv: list[str]) -> int:
     from openmae.config import parse_config_cli
+    from openmae.distributed import is_main_process
     from openmae.recipes.knn import KnnConfig, knn
 
     parser = _parser("knn", "Weighted k-NN on frozen features.")
     metrics = knn(parse_config_cli(KnnConfig, argv, parser=parser))
-    print(
-        f"k-NN top-1 {metrics['knn_top1']:.2f}%, top-5 {metrics['knn_top5']:.2f}% "
-        f"({metrics['query_images']} queries, {metrics['bank_images']} in the bank)"
-    )
+    if is_main_process():  # under torchrun every rank has the result; one says it
+        print(
+            f"k-NN top-1 {metrics['knn_top1']:.2f}%, top-5 {metrics['knn_top5']:.2f}% "
+            f"({metrics['query_images']} queries, {metrics['bank_images']} in the bank)"
+        )
     return 0
 
 
 @command("eval", "top-1 / top-5 of a classifier checkpoint on labelled images")
 def eval_command(argv: list[str]) -> int:
     from openmae.config import parse_config_cli
+    from openmae.distributed import is_main_process
     from openmae.recipes.evaluate import EvalConfig, evaluate
 
     metrics = evaluate(parse_config_cli(EvalConfig, argv, parser=_parser("eval", "Score a classifier.")))
-    print(
-        f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, loss {metrics['loss']:.4f} "
-        f"on {metrics['images']} images"
-    )
+    if is_main_process():
+        print(
+            f"top-1 {metrics['top1']:.2f}%, top-5 {metrics['top5']:.2f}%, loss {metrics['loss']:.4f} "
+            f"on {metrics['images']} images"
+        )
     return 0
 
 

@@ -10,6 +10,8 @@ What lives here, for the training loop and the recipes:
   state do not fit on one device when replicated;
 - evaluation over the whole validation set, each sample counted once (`ShardedEvalSampler`,
   `all_reduce_sum`, `all_gather_cat`);
+- BatchNorm with the statistics of the global batch (`GlobalBatchNorm`, for the linear probe's
+  head), so a run trains as one process does with the same global batch;
 - a clean stop on SIGTERM (`GracefulStop`), which schedulers send before pre-emption, and a clear
   error when another rank dies (`PeerFailureError`). See docs/distributed.md.
 """
@@ -93,6 +95,11 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def is_main_process() -> bool:
+    """True on rank 0, and in a process outside any group: the one that prints and writes."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -136,21 +143,39 @@ class ShardedEvalSampler(Sampler[int]):
     Unlike `DistributedSampler` nothing is padded or dropped, so sums over ranks count every
     sample once; shard lengths differ by at most one (`all_reduce_sum` and `all_gather_cat` do not
     mind). Rank and world size default to this process's.
+
+    With `contiguous`, rank r takes one block of consecutive indices instead (the longer blocks
+    first), so `all_gather_cat` of per-sample results comes back in dataset order: the linear
+    probe's cached training features and the k-NN bank are then those of a single process.
     """
 
-    def __init__(self, num_samples: int, rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        rank: int | None = None,
+        world_size: int | None = None,
+        contiguous: bool = False,
+    ) -> None:
         joined = dist.is_available() and dist.is_initialized()
         self.num_samples = num_samples
         self.rank = rank if rank is not None else (dist.get_rank() if joined else 0)
         self.world_size = world_size if world_size is not None else (dist.get_world_size() if joined else 1)
+        self.contiguous = contiguous
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside a world of {self.world_size}")
 
+    def _indices(self) -> range:
+        if not self.contiguous:
+            return range(self.rank, self.num_samples, self.world_size)
+        size, longer = divmod(self.num_samples, self.world_size)  # the first `longer` ranks take one more
+        start = self.rank * size + min(self.rank, longer)
+        return range(start, start + size + (self.rank < longer))
+
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.num_samples, self.world_size))
+        return iter(self._indices())
 
     def __len__(self) -> int:
-        return len(range(self.rank, self.num_samples, self.world_size))
+        return len(self._indices())
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -179,6 +204,86 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     pieces = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(pieces, padded)
     return torch.cat([piece[:n] for piece, n in zip(pieces, lengths, strict=True)])
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm over the global batch.
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce sum that gradients flow through (the gradient is summed over the ranks too)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch, on any device.
+
+    What `torch.nn.SyncBatchNorm` does, which runs on GPUs only: in training, the mean and
+    variance over every rank's batch (two all-reduces of `[C]` sums), so normalisation and running
+    statistics are those one process gets with the whole batch, and the running statistics are the
+    same on every rank. In eval mode, or outside a process group, it is a plain BatchNorm. Input
+    `[B, C, ...]`.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of at least 2 dimensions [B, C, ...], got {input.dim()}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims = [0, *range(2, x.dim())]  # all but the channels
+        shape = [1, -1] + [1] * (x.dim() - 2)  # [1, C, 1, ...]
+        local_count = x.new_tensor([x.numel() // max(x.shape[1], 1)])
+        # Two passes, as a single BatchNorm does: the mean, then the spread around it.
+        sums = _SumOverRanks.apply(torch.cat([x.sum(dims), local_count]))
+        count = sums[-1]
+        mean = sums[:-1] / count  # [C]
+        var = _SumOverRanks.apply((x - mean.view(shape)).square().sum(dims)) / count  # [C], biased
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / int(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(var.detach() * count / (count - 1).clamp(min=1), momentum)
+        out = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
+def use_global_batch_norm(model: nn.Module) -> int:
+    """Turn every BatchNorm of `model` into a `GlobalBatchNorm`, in place; returns how many.
+
+    The parameters and buffers stay the same objects (an optimizer built over them still holds
+    them), and so do the state-dict keys.
+    """
+    replaced = 0
+    for name, child in model.named_children():
+        if isinstance(child, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+            synced = GlobalBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
+            for key, value in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
+                setattr(synced, key, value)
+            synced.train(child.training)
+            setattr(model, name, synced)
+            replaced += 1
+        else:
+            replaced += use_global_batch_norm(child)
+    return replaced
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Scale-out: torchrun DDP and FSDP on CPU (gloo), checkpoints across world sizes, fail-fast, SIGTERM.
+"""Scale-out: torchrun DDP and FSDP on CPU (gloo), checkpoints across world sizes, fail-fast, SIGTERM,
+evaluation over every rank.
 
-Real torchrun launches of `mae pretrain` on the debug model and synthetic images, compared with
-single-process runs of the same global batch. A launch counts as finished when every rank printed
-its DONE marker and wrote what it should: under load, a gloo process now and then aborts at exit
-("terminate called without an active exception") after its work is done; that abort alone is
-tolerated, and a launch that hit it before finishing is retried once.
+Real torchrun launches of `mae pretrain | linprobe | finetune | knn` on the debug model and synthetic
+images, compared with single-process runs of the same global batch. A launch counts as finished
+when every rank printed its DONE marker and wrote what it should: under load, a gloo process now
+and then aborts at exit ("terminate called without an active exception") after its work is done;
+that abort alone is tolerated, and a launch that hit it before finishing is retried once.
 """
 
 import json
@@ -24,8 +25,10 @@ import torch
 from safetensors.torch import load_file
 
 import openmae
+from openmae.cli import main
 from openmae.config import load_config
-from openmae.distributed import GracefulStop, ShardedEvalSampler
+from openmae.distributed import GlobalBatchNorm, GracefulStop, ShardedEvalSampler, use_global_batch_norm
+from openmae.recipes.knn import KnnMonitor
 from openmae.recipes.pretrain import PretrainConfig, PretrainTask, pretrain
 
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -46,6 +49,14 @@ TINY = [
 # A run far too long to finish, for the tests that interrupt one.
 ENDLESS = [*TINY[:2], "data.synthetic_size=64", "data.num_workers=1", "epochs=1000", "batch_size=4"]
 ENDLESS += TINY[5:]
+# Classification and k-NN on a random debug encoder (seeded: the same on every rank) and 37 synthetic
+# images a split: the shards of each split (19 + 18) differ in length.
+CLASSIFY = [
+    "checkpoint=none", "model=mae_vit_debug", "data.dataset=synthetic", "data.synthetic_size=37",
+    "data.num_workers=0", "device=cpu",
+]  # fmt: skip
+# Global batch 8: 4 steps an epoch; validation batches of 8.
+PROBE = [*CLASSIFY, "epochs=2", "log_every=1", "optim.warmup_epochs=0.5", "eval_batch_size=8"]
 # fp32 sums in another order (two half batches, one thread each) move weights by ~1e-6; one step
 # moves them by ~1e-4 (the lr), so the tolerance still tells one step from another.
 ATOL = 2e-5
@@ -173,6 +184,30 @@ def test_sharded_eval_sampler_covers_every_sample_exactly_once():
         ShardedEvalSampler(10, rank=2, world_size=2)
 
 
+def test_contiguous_shards_concatenate_in_rank_order_to_the_dataset_order():
+    for num_samples in (0, 1, 7, 10, 11):
+        for world in (1, 2, 3, 4):
+            samplers = [ShardedEvalSampler(num_samples, r, world, contiguous=True) for r in range(world)]
+            shards = [list(sampler) for sampler in samplers]
+            assert [i for shard in shards for i in shard] == list(range(num_samples))
+            assert max(map(len, shards)) - min(map(len, shards)) <= 1
+            assert [len(shard) for shard in shards] == [len(sampler) for sampler in samplers]
+
+
+def test_global_batch_norm_keeps_parameters_buffers_and_keys_and_is_batch_norm_in_one_process():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Sequential(torch.nn.BatchNorm1d(6)))
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Sequential(torch.nn.BatchNorm1d(6)))
+    plain.load_state_dict(model.state_dict())
+    weight, running_mean, keys = model[1][0].weight, model[1][0].running_mean, list(model.state_dict())
+    assert use_global_batch_norm(model) == 1
+    norm = model[1][0]
+    assert isinstance(norm, GlobalBatchNorm) and norm.weight is weight and norm.running_mean is running_mean
+    assert list(model.state_dict()) == keys
+    x = torch.randn(8, 4)
+    assert torch.allclose(model(x), plain(x)) and torch.allclose(norm.running_var, plain[1][0].running_var)
+
+
 def test_graceful_stop_turns_sigterm_into_a_request_and_then_gives_it_back():
     previous = signal.getsignal(signal.SIGTERM)
     with GracefulStop() as stop:
@@ -215,13 +250,22 @@ def test_sigterm_in_a_single_process_run_stops_it_with_a_checkpoint(tmp_path, mo
 def test_ddp_matches_one_process_and_its_checkpoint_resumes_in_one_process(tmp_path, single):
     # Two processes over half batches (4 + 4) against one over the whole batch (8).
     ddp = tmp_path / "ddp"
-    args = ["pretrain", *TINY, "batch_size=4", "max_steps=4", f"output_dir={ddp}"]
+    knn = ["knn_every=1", "knn_images=13"]  # at the end of epoch 1 (step 4): shards of 7 and 6 images
+    args = ["pretrain", *TINY, *knn, "batch_size=4", "max_steps=4", f"output_dir={ddp}"]
     out = launch(2, args, ddp, env={"CHECK_COLLECTIVES": "1"}).output
     assert "effective batch 8 -> lr" in out and out.count("effective batch") == 1, out  # rank 1 is quiet
     full = single["full"]
     two, one = load_file(checkpoint(ddp, 4)), load_file(checkpoint(full.output_dir, 4))
     assert (difference := max_difference(two, one)) < ATOL, difference
     assert max_difference(two, load_file(full.weights)) > 10 * ATOL  # the tolerance can fail
+    # The k-NN monitor, sharded over the ranks, logged what one process measures on those weights.
+    logged = [json.loads(line) for line in (ddp / "metrics.jsonl").read_text().splitlines()]
+    logged = next(r for r in logged if "knn_top1" in r)
+    cfg = load_config(PretrainConfig, overrides=[*TINY, *knn])
+    model = openmae.load_checkpoint(checkpoint(ddp, 4))
+    monitor = KnnMonitor.from_config(cfg, model.config.img_size, model.config.in_chans)
+    alone = monitor(model, epoch=0, last=False, device=torch.device("cpu"))
+    assert alone == pytest.approx({k: logged[k] for k in alone}, abs=1e-9)
     # The 2-process checkpoint continues in one process exactly as the uninterrupted run went on.
     resumed = run_single(ddp, "batch_size=8", "resume=auto")
     assert resumed.progress.step == 8
@@ -290,3 +334,49 @@ def test_a_killed_rank_makes_the_job_fail_fast_with_a_clear_message(tmp_path):
     assert proc.returncode != 0
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)\s+exitcode\s*:\s*-9", output), output[-6000:]
     assert "rank 0: lost contact with the other processes of the job" in output, output[-6000:]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_linprobe_on_cached_features_under_torchrun_scores_as_one_process(tmp_path):
+    # Each rank encodes its shard of both splits; the training features are gathered (in dataset
+    # order), the validation hits and losses summed; the probe's BatchNorm sees the global batch.
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["linprobe", *PROBE, "batch_size=8", f"output_dir={one}"]) == 0
+    launch(2, ["linprobe", *PROBE, "batch_size=4", f"output_dir={two}"], two)
+    alone, ranks = (json.loads((out / "results.json").read_text()) for out in (one, two))
+    for which in ("final", "best"):
+        assert ranks[which]["count"] == alone[which]["count"] == 37
+        assert ranks[which]["epoch"] == alone[which]["epoch"]
+        assert ranks[which]["top1"] == pytest.approx(alone[which]["top1"], abs=1e-9)
+        assert ranks[which]["top5"] == pytest.approx(alone[which]["top5"], abs=1e-9)
+        assert ranks[which]["loss"] == pytest.approx(alone[which]["loss"], abs=1e-5)
+    assert abs(alone["final"]["loss"] - alone["best"]["loss"]) > 1e-4  # the tolerance tells epochs apart
+    weights = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
+    assert max_difference(*weights) < ATOL
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_finetune_under_torchrun_scores_every_validation_image_once_and_rank_0_alone_speaks(tmp_path):
+    out = tmp_path / "ft"
+    args = ["finetune", *CLASSIFY, "epochs=1", "batch_size=4", "eval_batch_size=8", f"output_dir={out}"]
+    output = launch(2, args, out).output
+    # Rank 0's first and last lines, nothing from rank 1.
+    assert output.count("finetune: ") == 2, output[-6000:]
+    assert output.count("trainable parameters") == 1 and output.count("finetune: val top-1") == 1
+    results = json.loads((out / "results.json").read_text())
+    assert results["final"]["count"] == 37 and results["final"]["epoch"] == 1  # 19 + 18 images, once each
+    assert (out / "model.safetensors").exists() and (out / "best.safetensors").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_knn_under_torchrun_equals_one_process(tmp_path):
+    args = ["knn", *CLASSIFY, "batch_size=8", "k=5"]
+    assert main([*args, f"output={tmp_path / 'one.json'}"]) == 0
+    out = tmp_path / "two"
+    output = launch(2, [*args, f"output={out / 'knn.json'}"], out).output
+    assert output.count("k-NN top-1") == 1, output[-6000:]  # rank 0 alone says it
+    alone, ranks = (json.loads(path.read_text()) for path in (tmp_path / "one.json", out / "knn.json"))
+    assert ranks == pytest.approx(alone, abs=1e-9)

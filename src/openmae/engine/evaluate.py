@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from openmae.distributed import all_gather_cat, all_reduce_sum, is_distributed
 from openmae.models.mae import MaskedAutoencoder
 from openmae.models.patches import patchify
 
@@ -62,6 +63,17 @@ def baseline_prediction(patches: torch.Tensor, mask: torch.Tensor, channels: int
     return mean[:, None, None, :].expand(B, L, D // channels, channels).reshape(B, L, D)
 
 
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """How many rows of `scores` `[N, classes]` have their label among the `k` highest, per `k` in `ks`.
+
+    Returns counts `[len(ks)]` (float64, on the CPU): sums that add up over batches and ranks.
+    A `k` of at least the number of classes counts every row.
+    """
+    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # [N, kmax]
+    hits = ranked == labels[:, None]  # [N, kmax]
+    return torch.stack([hits[:, :k].any(dim=1).sum() for k in ks]).double().cpu()
+
+
 def topk_accuracy(
     scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
 ) -> dict[str, float]:
@@ -69,36 +81,57 @@ def topk_accuracy(
 
     Returns `{"top1": ..., "top5": ...}`; a `k` of at least the number of classes counts every row.
     """
-    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # [N, kmax]
-    hits = ranked == labels[:, None]  # [N, kmax]
-    return {f"top{k}": 100.0 * float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
+    hits = topk_hits(scores, labels, ks)
+    return {f"top{k}": 100.0 * float(n) / max(len(labels), 1) for k, n in zip(ks, hits, strict=True)}
+
+
+def sum_over_ranks(sums: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`sums` (on the CPU) summed over the ranks of the process group; themselves in one process.
+
+    The reduction runs on `device` (nccl reduces GPU tensors only); the result is back on the CPU.
+    """
+    if not is_distributed():
+        return sums
+    return all_reduce_sum(sums.to(device)).cpu()
+
+
+def gather_from_ranks(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every rank's `rows` `[N_r, ...]` (on the CPU), concatenated in rank order; themselves in one process.
+
+    The gather runs on `device` (nccl moves GPU tensors only); the result is back on the CPU.
+    """
+    if not is_distributed():
+        return rows
+    return all_gather_cat(rows.to(device)).cpu()
 
 
 @torch.no_grad()
 def classification_metrics(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """Cross-entropy, top-1 and top-5 accuracy (percent) of a classifier over every item of `loader`.
+    """Cross-entropy, top-1 and top-5 accuracy (percent) of a classifier, and the images it scored.
 
     `loader` yields `(inputs, labels, ...)`; the model is evaluated in eval mode, then put back.
+    Under torchrun every rank must call this, each with a loader over its own shard of the images
+    (`ShardedEvalSampler`): losses, hits and counts are summed over the ranks, so every rank gets
+    the metrics of the whole set, each image counted once. Returns `{"loss", "top1", "top5", "count"}`.
     """
     was_training = model.training
     model.eval()
-    loss_sum, count = 0.0, 0
-    correct = torch.zeros(2, dtype=torch.float64)  # top-1, top-5
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top-1 hits, top-5 hits, images
     for batch in loader:
         inputs, labels = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if inputs.numel() == 0:
             continue
         logits = model(inputs).float()  # [B, classes]
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
-        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices  # [B, 5]
-        hits = ranked == labels[:, None]
-        correct += torch.stack([hits[:, :1].any(1).sum(), hits.any(1).sum()]).double().cpu()
-        count += len(labels)
+        loss = F.cross_entropy(logits, labels, reduction="sum").double().cpu()
+        sums += torch.cat([loss[None], topk_hits(logits, labels), torch.tensor([len(labels)])])
     model.train(was_training)
+    # A rank whose shard is empty still takes part; the error, if any, is then the same on every rank.
+    loss_sum, top1, top5, count = sum_over_ranks(sums, device).tolist()
     if count == 0:
         raise ValueError("no labelled images to evaluate")
     return {
         "loss": loss_sum / count,
-        "top1": 100.0 * float(correct[0]) / count,
-        "top5": 100.0 * float(correct[1]) / count,
+        "top1": 100.0 * top1 / count,
+        "top5": 100.0 * top5 / count,
+        "count": int(count),
     }

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from openmae.distributed import is_main_process
 from openmae.models.vit import VisionTransformer
 
 Pool = Literal["token", "avg"]
@@ -39,13 +40,16 @@ def extract_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features `[N, D]` (float32, on the CPU) and labels `[N]` of every image `loader` yields.
 
-    `loader` yields `(images, labels, ...)`; batches with no readable image are skipped. The model is
-    put in eval mode for the pass and then back in the mode it was in.
+    `loader` yields `(images, labels, ...)`; batches with no readable image are skipped, and a loader
+    with none at all (e.g. a rank's empty shard) gives `[0, D]` and `[0]`: callers decide whether
+    that is an error, once the shards of every rank are in. The model is put in eval mode for the
+    pass and then back in the mode it was in.
     """
     was_training = model.training
     model.eval()
     features, labels = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not is_main_process())
+    for batch in bar:
         images, targets = batch[0], batch[1]
         if images.numel() == 0:
             continue
@@ -53,5 +57,5 @@ def extract_features(
         labels.append(targets.cpu())
     model.train(was_training)
     if not features:
-        raise ValueError("no images to extract features from")
+        return torch.zeros(0, model.config.embed_dim), torch.zeros(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)

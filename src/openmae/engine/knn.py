@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from openmae.engine.evaluate import topk_accuracy
+from openmae.engine.evaluate import gather_from_ranks, sum_over_ranks, topk_hits
 from openmae.engine.features import Pool, extract_features
 from openmae.models.vit import VisionTransformer
 
@@ -47,16 +47,30 @@ def knn_scores(
 
 def knn_accuracy(
     model: VisionTransformer,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
+    bank_loader: DataLoader,
+    query_loader: DataLoader,
     device: torch.device,
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
     pool: Pool = "token",
 ) -> dict[str, float]:
-    """k-NN top-1 / top-5 (percent) of `val_loader` against a bank of `train_loader`'s features."""
-    bank, bank_labels = extract_features(model, train_loader, device, pool, desc="k-NN bank")
-    queries, labels = extract_features(model, val_loader, device, pool, desc="k-NN queries")
-    scores = knn_scores(bank, bank_labels, queries, num_classes, k, temperature)
-    return {f"knn_{name}": value for name, value in topk_accuracy(scores, labels).items()}
+    """k-NN top-1 / top-5 (percent) of `query_loader`'s images against a bank of `bank_loader`'s features.
+
+    Under torchrun every rank calls this, each with loaders over its own shards of the two sets
+    (`ShardedEvalSampler`; `contiguous=True` for the bank keeps it in dataset order, so ties among
+    neighbours break as in one process). The bank's shards are gathered to every rank, each rank
+    scores its own queries, and the hits are summed over the ranks: each query is counted once.
+    """
+    bank, bank_labels = extract_features(model, bank_loader, device, pool, desc="k-NN bank")
+    bank, bank_labels = gather_from_ranks(bank, device), gather_from_ranks(bank_labels, device)
+    if bank.shape[0] == 0:
+        raise ValueError("no images in the k-NN memory bank")
+    queries, labels = extract_features(model, query_loader, device, pool, desc="k-NN queries")
+    hits = torch.zeros(2, dtype=torch.float64)  # top-1, top-5
+    if len(labels):  # a rank's shard of the queries may be empty; it still takes part in the sum
+        hits = topk_hits(knn_scores(bank, bank_labels, queries, num_classes, k, temperature), labels)
+    top1, top5, count = sum_over_ranks(torch.cat([hits, torch.tensor([len(labels)])]), device).tolist()
+    if count == 0:
+        raise ValueError("no k-NN query images")
+    return {"knn_top1": 100.0 * top1 / count, "knn_top5": 100.0 * top5 / count}

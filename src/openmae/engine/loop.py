@@ -31,6 +31,7 @@ from openmae.distributed import (
     is_peer_failure,
     peer_failure,
     shard_model,
+    use_global_batch_norm,
 )
 from openmae.engine.checkpoint import (
     full_model_state,
@@ -199,6 +200,9 @@ class Trainer:
         check_precision(self.cfg.precision, self.device)
         if self.cfg.activation_checkpointing:
             model.set_grad_checkpointing(True)
+        if self.dist.enabled:
+            # BatchNorm (the linear probe's head) normalises with the global batch, as in one process.
+            use_global_batch_norm(model)
         if self.sharded:
             if self.cfg.precision == "fp16":
                 raise ValueError("fsdp runs in fp32 or bf16 (the fp16 grad scaler does not see shards)")

@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 
 from openmae.config import config_to_dict, save_config
 from openmae.data import DataConfig, build_dataset, build_loader, dataset_mean_std
-from openmae.distributed import DistInfo, init_distributed
+from openmae.distributed import DistInfo, ShardedEvalSampler, init_distributed
 from openmae.engine.checkpoint import resolve_resume
 from openmae.engine.classify import (
     ClassifyTask,
@@ -38,7 +38,7 @@ from openmae.engine.classify import (
     build_mixup,
     train_only_last_blocks,
 )
-from openmae.engine.evaluate import classification_metrics
+from openmae.engine.evaluate import classification_metrics, gather_from_ranks
 from openmae.engine.features import extract_features
 from openmae.engine.loop import Progress, Schedule, TrainConfig, Trainer
 from openmae.engine.optim import OptimConfig, build_optimizer
@@ -365,7 +365,9 @@ def _train(cfg: ClassifyConfig, probe: bool) -> ClassifyResult:
     run = _prepare(cfg, probe, dist)
     model, train_set = run.model, run.train_set
     out_dir, num_workers = Path(cfg.output_dir), cfg.data.resolved_num_workers()
-    val_loader = build_loader(run.val_set, cfg.eval_batch_size, num_workers=num_workers)
+    # Every rank scores its own shard of the validation images; `classification_metrics` sums over ranks.
+    val_shard = ShardedEvalSampler(len(run.val_set))
+    val_loader = build_loader(run.val_set, cfg.eval_batch_size, num_workers=num_workers, sampler=val_shard)
     if probe and not cfg.augment:
         # The encoder is frozen and the images fixed: encode them once, train the head on the features.
         train_set, val_loader = cache_features(model, train_set, val_loader, cfg, dist.device)
@@ -387,16 +389,22 @@ def _train(cfg: ClassifyConfig, probe: bool) -> ClassifyResult:
     best_path = out_dir / "best.safetensors"
 
     def on_epoch_end(epoch: int) -> dict:
-        """Validation every `eval_every` epochs and after the last; the best weights are kept."""
-        if not dist.is_main or not ((epoch + 1) % cfg.eval_every == 0 or trainer.finished):
+        """Validation every `eval_every` epochs and after the last; rank 0 keeps the best weights.
+
+        Every rank evaluates, at the same epochs (the evaluation is collective): each its shard of
+        the images, with the unwrapped model, whose weights DDP keeps identical on every rank.
+        """
+        if not ((epoch + 1) % cfg.eval_every == 0 or trainer.finished):
             return {}
         last_metrics.clear()
         last_metrics.update(classification_metrics(model, val_loader, dist.device), epoch=epoch + 1)
         if last_metrics["top1"] > best["top1"]:
             best.update(last_metrics)
-            extra = {"epoch": str(epoch + 1), "val_top1": f"{best['top1']:.4f}"}
-            save_checkpoint(exported(model), best_path, metadata={**metadata, **extra})
-        return {f"val_{k}": v for k, v in last_metrics.items() if k != "epoch"} | {"best_top1": best["top1"]}
+            if dist.is_main:
+                extra = {"epoch": str(epoch + 1), "val_top1": f"{best['top1']:.4f}"}
+                save_checkpoint(exported(model), best_path, metadata={**metadata, **extra})
+        logged = {f"val_{k}": v for k, v in last_metrics.items() if k not in ("epoch", "count")}
+        return logged | {"best_top1": best["top1"]}
 
     trainer = Trainer(
         model,
@@ -415,9 +423,9 @@ def _train(cfg: ClassifyConfig, probe: bool) -> ClassifyResult:
         trainer.resume(run.resume_from)
     progress = trainer.fit()
     weights = out_dir / "model.safetensors"
+    if last_metrics.get("epoch") != progress.epoch:  # stopped early (max_steps): score what we have
+        last_metrics.update(classification_metrics(model, val_loader, dist.device), epoch=progress.epoch)
     if dist.is_main:
-        if last_metrics.get("epoch") != progress.epoch:  # stopped early (max_steps): score what we have
-            last_metrics.update(classification_metrics(model, val_loader, dist.device), epoch=progress.epoch)
         save_checkpoint(exported(model), weights, metadata=metadata)
         print(
             f"{kind}: val top-1 {last_metrics['top1']:.2f}%, top-5 {last_metrics['top5']:.2f}% "
@@ -435,11 +443,21 @@ def cache_features(
     cfg: ClassifyConfig,
     device: torch.device,
 ) -> tuple[Features, DataLoader]:
-    """The pooled features of the training and validation images, and a loader over the latter's."""
+    """The pooled features of the training and validation images, and a loader over the latter's.
+
+    Under torchrun each rank encodes only its shard of each set. The training features are gathered
+    to every rank, in dataset order (contiguous shards), so the trainer deals them out as it would
+    deal the images in one process; the validation features stay sharded as `val_loader` is, for
+    `classification_metrics` to sum over the ranks.
+    """
     num_workers = cfg.data.resolved_num_workers()
-    train_loader = build_loader(train_set, cfg.eval_batch_size, num_workers=num_workers)
+    train_shard = ShardedEvalSampler(len(train_set), contiguous=True)
+    train_loader = build_loader(train_set, cfg.eval_batch_size, num_workers=num_workers, sampler=train_shard)
     pool = model.config.global_pool
-    train = Features(*extract_features(model, train_loader, device, pool, desc="train features"))
+    features, labels = extract_features(model, train_loader, device, pool, desc="train features")
+    train = Features(gather_from_ranks(features, device), gather_from_ranks(labels, device))
+    if len(train) == 0:
+        raise ValueError("no training images to extract features from")
     val = Features(*extract_features(model, val_loader, device, pool, desc="val features"))
     return train, build_loader(val, cfg.eval_batch_size)
 

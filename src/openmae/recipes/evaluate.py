@@ -1,4 +1,8 @@
-"""`mae eval`: top-1 / top-5 of a classifier checkpoint on a labelled folder or Fashion-MNIST's test split."""
+"""`mae eval`: top-1 / top-5 of a classifier checkpoint on a labelled folder or Fashion-MNIST's test split.
+
+Under torchrun every rank scores its own shard of the images and the counts are summed over the
+ranks (see `classification_metrics`); rank 0 writes the output.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pathlib import Path
 from torch.utils.data import Subset
 
 from openmae.data import DataConfig, build_dataset, build_loader
-from openmae.distributed import init_distributed
+from openmae.distributed import ShardedEvalSampler, init_distributed, is_main_process
 from openmae.engine.evaluate import classification_metrics
 from openmae.errors import UsageError
 from openmae.interop import load_checkpoint
@@ -47,9 +51,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise UsageError(str(error)) from error
     if cfg.max_images is not None:
         dataset = Subset(dataset, range(min(cfg.max_images, len(dataset))))
-    loader = build_loader(dataset, cfg.batch_size, num_workers=cfg.data.resolved_num_workers())
+    shard = ShardedEvalSampler(len(dataset))
+    loader = build_loader(dataset, cfg.batch_size, num_workers=cfg.data.resolved_num_workers(), sampler=shard)
     metrics = classification_metrics(model.to(device), loader, device) | {"images": len(dataset)}
-    if cfg.output:
+    if cfg.output and is_main_process():
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -2,6 +2,10 @@
 
 The memory bank is the training split (eval transform), the queries the validation split.
 `KnnMonitor` runs the same measurement every few epochs of pretraining (`knn_every`).
+
+Under torchrun every rank encodes its own shard of the bank and of the queries; the bank is then
+gathered to every rank and the hits summed over them (see `knn_accuracy`), so the accuracy is that
+of one process, with each query counted once. Rank 0 writes the output.
 """
 
 from __future__ import annotations
@@ -11,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from openmae.data import DataConfig, build_dataset, build_loader
-from openmae.distributed import init_distributed
+from openmae.distributed import ShardedEvalSampler, init_distributed, is_main_process
 from openmae.engine.features import Pool
 from openmae.engine.knn import knn_accuracy
 from openmae.errors import UsageError
@@ -78,8 +82,8 @@ def knn(cfg: KnnConfig) -> dict:
     workers = cfg.data.resolved_num_workers()
     metrics = knn_accuracy(
         encoder,
-        build_loader(bank, cfg.batch_size, num_workers=workers),
-        build_loader(queries, cfg.batch_size, num_workers=workers),
+        build_loader(bank, cfg.batch_size, num_workers=workers, sampler=bank_shard(bank)),
+        build_loader(queries, cfg.batch_size, num_workers=workers, sampler=ShardedEvalSampler(len(queries))),
         device,
         num_classes,
         cfg.k,
@@ -87,10 +91,15 @@ def knn(cfg: KnnConfig) -> dict:
         cfg.pool,
     )
     metrics |= {"bank_images": len(bank), "query_images": len(queries)}
-    if cfg.output:
+    if cfg.output and is_main_process():
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def bank_shard(bank: Dataset) -> ShardedEvalSampler:
+    """This rank's block of the bank: gathered in rank order, the blocks give the bank in dataset order."""
+    return ShardedEvalSampler(len(bank), contiguous=True)
 
 
 class KnnMonitor:
@@ -98,7 +107,8 @@ class KnnMonitor:
 
     Built from the pretraining config (`knn_every`, `knn_images`): the memory bank is a fixed
     random subset of the labelled training images, the queries one of the validation images, both
-    with the evaluation transform.
+    with the evaluation transform. Under torchrun every rank calls it at the same epochs, and
+    each encodes only its shard of the two subsets (see `knn_accuracy`).
     """
 
     def __init__(self, every: int, bank: DataLoader, queries: DataLoader, num_classes: int) -> None:
@@ -124,10 +134,12 @@ class KnnMonitor:
             random_subset(queries, cfg.knn_images, cfg.seed),
         )
         batch = min(256, cfg.knn_images)
-        return cls(cfg.knn_every, build_loader(bank, batch), build_loader(queries, batch), num_classes)
+        bank_loader = build_loader(bank, batch, sampler=bank_shard(bank))
+        query_loader = build_loader(queries, batch, sampler=ShardedEvalSampler(len(queries)))
+        return cls(cfg.knn_every, bank_loader, query_loader, num_classes)
 
     def __call__(self, model: VisionTransformer, epoch: int, last: bool, device: torch.device) -> dict:
-        """`{"knn_top1", "knn_top5"}` when epoch `epoch` (0-based) is due, else `{}`."""
+        """`{"knn_top1", "knn_top5"}` when epoch `epoch` (0-based) is due, else `{}`. Every rank calls."""
         if not ((epoch + 1) % self.every == 0 or last):
             return {}
         return knn_accuracy(model, self.bank, self.queries, device, self.num_classes)

@@ -101,7 +101,8 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         heldout = heldout_loader(cfg, img_size, in_chans)
         knn_monitor = KnnMonitor.from_config(cfg, img_size, in_chans)
         if knn_monitor is not None and cfg.fsdp:
-            raise ValueError("knn_every runs the encoder on rank 0 alone: it does not work with fsdp")
+            # FSDP gathers a sharded model's weights in `forward`; the k-NN features come from another method.
+            raise ValueError("knn_every does not work with fsdp")
         resume_from = resolve_resume(cfg.resume, cfg.output_dir)
         check_precision(cfg.precision, dist.device)
     except (ValueError, FileNotFoundError) as error:
@@ -125,6 +126,13 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
     eval_metrics: dict = {}
 
     def on_epoch_end(epoch: int) -> dict:
+        """Reconstruction error on the held-out images, and their pictures, every `vis_every` epochs.
+
+        A monitor on a small fixed set, run whole by rank 0 alone (by every rank when the model is
+        sharded, as each forward needs them all; rank 0 logs): its masks are drawn in one fixed
+        order, so the value is the same at any world size. The k-NN monitor, which can be large,
+        is sharded instead (see `KnnMonitor`).
+        """
         last = trainer.finished
         if (
             heldout is None
@@ -139,7 +147,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 
     def on_epoch_end_with_knn(epoch: int) -> dict:
         metrics = on_epoch_end(epoch)
-        if knn_monitor is not None and dist.is_main:
+        if knn_monitor is not None:  # every rank: each encodes its shard, the hits are summed
             metrics |= knn_monitor(model, epoch, trainer.finished, dist.device)
         return metrics
 
