@@ -70,6 +70,18 @@ def test_eval_scores_a_saved_classifier_as_the_run_did(tmp_path, mae_checkpoint,
     assert "top-1" in capsys.readouterr().out
 
 
+def test_a_run_stopped_after_an_evaluation_scores_its_final_weights(tmp_path, mae_checkpoint):
+    # Epoch 1 (4 steps) is evaluated; the run then stops at step 6, inside epoch 2.
+    out = tmp_path / "lp"
+    args = ["linprobe", *TRAIN, "eval_every=1", "max_steps=6", f"checkpoint={mae_checkpoint}"]
+    assert main([*args, f"output_dir={out}"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["best"]["step"] == 4 and results["final"]["step"] == 6
+    scores = tmp_path / "eval.json"
+    assert main(["eval", *DATA, f"checkpoint={out / 'model.safetensors'}", f"output={scores}"]) == 0
+    assert json.loads(scores.read_text())["top1"] == pytest.approx(results["final"]["top1"])
+
+
 def test_finetune_with_mixup_trains_every_block_and_keeps_the_best_checkpoint(tmp_path, mae_checkpoint):
     out = tmp_path / "ft"
     code = main(["finetune", *TRAIN, f"checkpoint={mae_checkpoint}", f"output_dir={out}", "drop_path=0.1"])

@@ -397,13 +397,17 @@ def _train(cfg: ClassifyConfig, probe: bool) -> ClassifyResult:
         if not ((epoch + 1) % cfg.eval_every == 0 or trainer.finished):
             return {}
         last_metrics.clear()
-        last_metrics.update(classification_metrics(model, val_loader, dist.device), epoch=epoch + 1)
+        last_metrics.update(
+            classification_metrics(model, val_loader, dist.device),
+            epoch=epoch + 1,
+            step=trainer.progress.step,
+        )
         if last_metrics["top1"] > best["top1"]:
             best.update(last_metrics)
             if dist.is_main:
                 extra = {"epoch": str(epoch + 1), "val_top1": f"{best['top1']:.4f}"}
                 save_checkpoint(exported(model), best_path, metadata={**metadata, **extra})
-        logged = {f"val_{k}": v for k, v in last_metrics.items() if k not in ("epoch", "count")}
+        logged = {f"val_{k}": v for k, v in last_metrics.items() if k not in ("epoch", "step", "count")}
         return logged | {"best_top1": best["top1"]}
 
     trainer = Trainer(
@@ -423,8 +427,12 @@ def _train(cfg: ClassifyConfig, probe: bool) -> ClassifyResult:
         trainer.resume(run.resume_from)
     progress = trainer.fit()
     weights = out_dir / "model.safetensors"
-    if last_metrics.get("epoch") != progress.epoch:  # stopped early (max_steps): score what we have
-        last_metrics.update(classification_metrics(model, val_loader, dist.device), epoch=progress.epoch)
+    if (
+        last_metrics.get("step") != progress.step
+    ):  # stopped after the last evaluation: score the final weights
+        last_metrics.clear()
+        metrics = classification_metrics(model, val_loader, dist.device)
+        last_metrics.update(metrics, epoch=progress.epoch, step=progress.step)
     if dist.is_main:
         save_checkpoint(exported(model), weights, metadata=metadata)
         print(
