@@ -146,7 +146,7 @@ def data_benchmark(
         files = find_images(root)
         pipelines = [  # (name, dataset, images per item)
             (
-                "openmae (full decode, float RRC)",
+                "full decode, float RRC (data.fast_decode=false)",
                 ImageFolderDataset(
                     root,
                     pretrain_transform(img_size, IMAGENET_MEAN, IMAGENET_STD),
@@ -155,7 +155,7 @@ def data_benchmark(
                 ),
                 1,
             ),
-            ("draft decode + PIL crop-resize", DraftCropImages(files, img_size), 1),
+            ("draft decode + PIL crop-resize (openmae default)", DraftCropImages(files, img_size), 1),
             (f"draft decode, {views} views per decode", DraftCropImages(files, img_size, views), views),
         ]
         batches = max(1, items // batch_size)

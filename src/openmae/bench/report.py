@@ -13,6 +13,11 @@ NAME = "pretrain_speed"
 SPEED_TARGETS = {("tiny", "bf16"): 1.3, ("base", "bf16"): 1.2, ("tiny", "fp32"): 1.0, ("base", "fp32"): 1.0}
 
 
+def _rate(images_per_s: float) -> str:
+    """One decimal from 10 images/s up; three significant digits below (0.0425, not 0.0)."""
+    return f"{images_per_s:.1f}" if images_per_s >= 10 else f"{images_per_s:.3g}"
+
+
 def write_results(records: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
     """Write `<out_dir>/pretrain_speed.jsonl` and `.md`; returns their paths."""
     out_dir = Path(out_dir)
@@ -110,8 +115,8 @@ def _step_table(rows: list[dict]) -> list[str]:
         ratio = f"{ours['images_per_s'] / r['images_per_s']:.2f}" if ours else "-"
         cells = [
             r["engine"],
-            f"**{r['images_per_s']:.1f}**",
-            f"{r['images_per_s_min']:.1f}-{r['images_per_s_max']:.1f}",
+            f"**{_rate(r['images_per_s'])}**",
+            f"{_rate(r['images_per_s_min'])}-{_rate(r['images_per_s_max'])}",
             ratio,
             f"{r['steps_per_repeat']} x {len(r['images_per_s_repeats'])}",
             f"{r['flops_per_step'] / 1e9:.1f}",
