@@ -178,21 +178,31 @@ class ShardedEvalSampler(Sampler[int]):
         return len(self._indices())
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place (a no-op in a single process). Sums and counts, never means."""
+def all_reduce_sum(tensor: torch.Tensor, via: torch.device | str | None = None) -> torch.Tensor:
+    """Sum over ranks, in place (a no-op in a single process). Sums and counts, never means.
+
+    `via`: the device the reduction runs on when `tensor` lives elsewhere (nccl reduces GPU tensors
+    only, so CPU-side counters go through the GPU); the sum lands back in `tensor`.
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if via is not None and torch.device(via) != tensor.device:
+            tensor.copy_(all_reduce_sum(tensor.to(via)))
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
-def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+def all_gather_cat(tensor: torch.Tensor, via: torch.device | str | None = None) -> torch.Tensor:
     """Concatenate every rank's `[N_r, ...]` along dim 0, in rank order; the `N_r` may differ.
 
     For k-NN: gather the features and the labels of a `ShardedEvalSampler` shard with two calls,
-    and row i of both still belongs to the same sample. Returns `[sum N_r, ...]` on every rank.
+    and row i of both still belongs to the same sample. Returns `[sum N_r, ...]` on every rank, on
+    `tensor`'s device; `via` is the device the gather runs on (nccl moves GPU tensors only).
     """
     if not is_distributed():
         return tensor
+    if via is not None and torch.device(via) != tensor.device:
+        return all_gather_cat(tensor.to(via)).to(tensor.device)
     world_size = dist.get_world_size()
     length = torch.tensor([tensor.shape[0]], device=tensor.device)
     lengths = [torch.zeros_like(length) for _ in range(world_size)]

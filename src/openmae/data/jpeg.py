@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from timm.layers import to_2tuple
 from torchvision.transforms import RandomResizedCrop
+from torchvision.transforms import functional as TF
 
 from openmae.data.images import UnreadableImageError
 from openmae.data.transforms import Size
@@ -110,10 +110,7 @@ def draft_crops(
 
 def to_normalized_tensor(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """PIL RGB -> float `[3, H, W]`, `(x / 255 - mean) / std`."""
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).float()  # [3, H, W]
-    mean_t = torch.tensor(mean).view(-1, 1, 1)
-    std_t = torch.tensor(std).view(-1, 1, 1)
-    return x.div_(255).sub_(mean_t).div_(std_t)
+    return TF.normalize(TF.pil_to_tensor(image).float().div_(255), list(mean), list(std))
 
 
 @dataclass(frozen=True)

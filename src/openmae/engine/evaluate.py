@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from openmae.distributed import all_gather_cat, all_reduce_sum, is_distributed
+from openmae.distributed import all_reduce_sum
 from openmae.models.mae import MaskedAutoencoder
 from openmae.models.patches import patchify
 
@@ -85,26 +85,6 @@ def topk_accuracy(
     return {f"top{k}": 100.0 * float(n) / max(len(labels), 1) for k, n in zip(ks, hits, strict=True)}
 
 
-def sum_over_ranks(sums: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`sums` (on the CPU) summed over the ranks of the process group; themselves in one process.
-
-    The reduction runs on `device` (nccl reduces GPU tensors only); the result is back on the CPU.
-    """
-    if not is_distributed():
-        return sums
-    return all_reduce_sum(sums.to(device)).cpu()
-
-
-def gather_from_ranks(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Every rank's `rows` `[N_r, ...]` (on the CPU), concatenated in rank order; themselves in one process.
-
-    The gather runs on `device` (nccl moves GPU tensors only); the result is back on the CPU.
-    """
-    if not is_distributed():
-        return rows
-    return all_gather_cat(rows.to(device)).cpu()
-
-
 @torch.no_grad()
 def classification_metrics(model: nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
     """Cross-entropy, top-1 and top-5 accuracy (percent) of a classifier, and the images it scored.
@@ -126,7 +106,7 @@ def classification_metrics(model: nn.Module, loader: DataLoader, device: torch.d
         sums += torch.cat([loss[None], topk_hits(logits, labels), torch.tensor([len(labels)])])
     model.train(was_training)
     # A rank whose shard is empty still takes part; the error, if any, is then the same on every rank.
-    loss_sum, top1, top5, count = sum_over_ranks(sums, device).tolist()
+    loss_sum, top1, top5, count = all_reduce_sum(sums, via=device).tolist()
     if count == 0:
         raise ValueError("no labelled images to evaluate")
     return {

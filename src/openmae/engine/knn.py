@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from openmae.engine.evaluate import gather_from_ranks, sum_over_ranks, topk_hits
+from openmae.distributed import all_gather_cat, all_reduce_sum
+from openmae.engine.evaluate import topk_hits
 from openmae.engine.features import Pool, extract_features
 from openmae.models.vit import VisionTransformer
 
@@ -63,14 +64,14 @@ def knn_accuracy(
     scores its own queries, and the hits are summed over the ranks: each query is counted once.
     """
     bank, bank_labels = extract_features(model, bank_loader, device, pool, desc="k-NN bank")
-    bank, bank_labels = gather_from_ranks(bank, device), gather_from_ranks(bank_labels, device)
+    bank, bank_labels = all_gather_cat(bank, via=device), all_gather_cat(bank_labels, via=device)
     if bank.shape[0] == 0:
         raise ValueError("no images in the k-NN memory bank")
     queries, labels = extract_features(model, query_loader, device, pool, desc="k-NN queries")
     hits = torch.zeros(2, dtype=torch.float64)  # top-1, top-5
     if len(labels):  # a rank's shard of the queries may be empty; it still takes part in the sum
         hits = topk_hits(knn_scores(bank, bank_labels, queries, num_classes, k, temperature), labels)
-    top1, top5, count = sum_over_ranks(torch.cat([hits, torch.tensor([len(labels)])]), device).tolist()
+    top1, top5, count = all_reduce_sum(torch.cat([hits, torch.tensor([len(labels)])]), via=device).tolist()
     if count == 0:
         raise ValueError("no k-NN query images")
     return {"knn_top1": 100.0 * top1 / count, "knn_top5": 100.0 * top5 / count}

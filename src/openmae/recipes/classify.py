@@ -28,7 +28,7 @@ from torchvision.transforms import v2
 
 from openmae.config import config_to_dict, save_config
 from openmae.data import DataConfig, build_dataset, build_loader, dataset_mean_std
-from openmae.distributed import DistInfo, ShardedEvalSampler, init_distributed
+from openmae.distributed import DistInfo, ShardedEvalSampler, all_gather_cat, init_distributed
 from openmae.engine.checkpoint import resolve_resume
 from openmae.engine.classify import (
     ClassifyTask,
@@ -38,7 +38,7 @@ from openmae.engine.classify import (
     build_mixup,
     train_only_last_blocks,
 )
-from openmae.engine.evaluate import classification_metrics, gather_from_ranks
+from openmae.engine.evaluate import classification_metrics
 from openmae.engine.features import extract_features
 from openmae.engine.loop import Progress, Schedule, TrainConfig, Trainer
 from openmae.engine.optim import OptimConfig, build_optimizer
@@ -463,7 +463,7 @@ def cache_features(
     train_loader = build_loader(train_set, cfg.eval_batch_size, num_workers=num_workers, sampler=train_shard)
     pool = model.config.global_pool
     features, labels = extract_features(model, train_loader, device, pool, desc="train features")
-    train = Features(gather_from_ranks(features, device), gather_from_ranks(labels, device))
+    train = Features(all_gather_cat(features, via=device), all_gather_cat(labels, via=device))
     if len(train) == 0:
         raise ValueError("no training images to extract features from")
     val = Features(*extract_features(model, val_loader, device, pool, desc="val features"))
