@@ -5,10 +5,10 @@ Run:      python benchmarks/fashion_mnist.py            (full table, ~90 min on 
 Hardware: sized for 2 CPU cores and no GPU; each row is one `mae` command run as a subprocess.
 Writes:   benchmarks/results/fashion_mnist.md (rewritten after every row, so a partial run shows);
           --quick writes fashion_mnist_quick.md in its work folder instead.
-Expect:   the first full run (on a machine shared with other jobs, the earlier settings described
-          in the results file): MAE linear probe 80.1% > random-encoder probe 77.7%, but < 84.0% for
-          logistic regression on pixels; MAE + fine-tuning 77.5% > 71.2% from scratch (76.4% with
-          14% more images). Far from converged: see the results file.
+Expect:   the second full run (idle machine, 22-minute pretraining, 30 probe epochs): MAE linear
+          probe 83.6% > random-encoder probe 76.8%, but < 84.0% for logistic regression on pixels;
+          MAE + fine-tuning 85.0% > 80.4% from scratch. This version pretrains 38 minutes and probes
+          90 epochs. Far from converged: see the results file.
 
 Rows: 1 logistic regression on raw pixels (scikit-learn), 2 linear probe of a random encoder,
 3 linear probe of the MAE encoder, 4 k-NN on MAE features, 5 fine-tuning recipe from scratch,
@@ -54,8 +54,10 @@ class Budget:
 #   (192 x 12) costs ~4x more per image.
 # - pretraining gets a wall-clock budget through the loop's `time_budget_min`: after a few steps
 #   the cosine schedule is shortened to the images that fit, so a busy machine pretrains less
-#   instead of running over: 22 minutes (capped at 40 epochs), lr 10x the paper's base because the
-#   schedule is ~100x shorter.
+#   instead of running over: 38 minutes (capped at 40 epochs), lr 10x the paper's base because the
+#   schedule is ~100x shorter. The second full run gave it 22 minutes (~12 epochs): its probe
+#   (83.6%) missed logistic regression on pixels (84.0%) with the pretraining loss still falling, so
+#   this run moves time from nowhere else: the table had ~20 minutes of its 90 to spare.
 # - fine-tuning gets a fixed 3 epochs per row (rows 5, 6, 7 alike). Not a wall-clock budget: the
 #   first full run used one (14 min each) and, on a machine shared with other jobs, row 6 got 1.75
 #   epochs where row 5 got 1.05 (the rate is measured once, early). The paper's mixup / cutmix /
@@ -63,18 +65,20 @@ class Budget:
 #   here (the recipe's defaults keep them). Rows 5 and 6 run the same command but for the
 #   checkpoint, except that the from-scratch row has no layer decay, which would hold back its
 #   random lower blocks (the paper's from-scratch recipe has none either).
-# - the linear probe trains on cached features (no augmentation), so 30 epochs cost little; LARS's
+# - the linear probe trains on cached features (no augmentation), so the paper's 90 epochs cost
+#   little (about a second each); in the second run 30 epochs left the head short of convergence
+#   (train loss 0.43, equal to the test loss). LARS's
 #   trust ratio makes each step a fixed share of the weight norm, so a 60k-image epoch moves the
 #   head ~20x less than an ImageNet epoch: the base lr is raised to compensate. Features are
 #   average-pooled: after a short pretraining the cls token is the weaker feature (79.7% against
 #   81.9% for a logistic regression on 12k training images of the first run's encoder).
 FULL = Budget(
     pretrain=[
-        f"model={MODEL}", "epochs=40", "time_budget_min=22", "batch_size=256", "norm_pix_loss=true",
+        f"model={MODEL}", "epochs=40", "time_budget_min=38", "batch_size=256", "norm_pix_loss=true",
         "optim.base_lr=1.5e-3", "optim.warmup_epochs=1", "vis_every=0", "data.num_workers=0",
     ],
     linprobe=[
-        "epochs=30", "batch_size=256", "global_pool=avg", "optim.base_lr=2.0", "optim.warmup_epochs=3",
+        "epochs=90", "batch_size=256", "global_pool=avg", "optim.base_lr=2.0", "optim.warmup_epochs=10",
         "data.num_workers=0",
     ],
     knn=["data.num_workers=0"],
@@ -115,7 +119,7 @@ NOTES = """\
   epochs each.
 - Pretraining has a wall-clock budget (`time_budget_min`): after a few calibration steps the loop
   shortens the cosine schedule to the images that fit, so on a busy machine it trains on fewer images
-  (the `trained` column) instead of overrunning: 22 min (at most 40 epochs), base lr 1.5e-3 (10x the
+  (the `trained` column) instead of overrunning: 38 min (at most 40 epochs), base lr 1.5e-3 (10x the
   paper's, for a ~100x shorter schedule), normalised-pixel target, 75% masking. Fine-tuning rows 5, 6
   and 7 get the same fixed budget: 3 epochs.
 - Fine-tuning keeps the recipe's AdamW (0.9, 0.999), weight decay 0.05, layer decay 0.75, drop path 0.1,
@@ -124,9 +128,9 @@ NOTES = """\
   50-100% of the image. The from-scratch row runs the same command without layer decay (which would slow
   its random lower blocks; the paper's from-scratch recipe has none either).
 - Linear probe: the paper's head (BatchNorm without affine + linear) and LARS, on average-pooled
-  features extracted once (no augmentation), 30 epochs. LARS moves each weight matrix by a fixed share
-  of its norm per step, so 60k-image epochs move the head ~20x less than ImageNet epochs: base lr 2.0
-  instead of 0.1. Average pooling rather than the cls token: after a short pretraining the cls token is
+  features extracted once (no augmentation), the paper's 90 epochs (10 of warm-up). LARS moves each
+  weight matrix by a fixed share of its norm per step, so 60k-image epochs move the head ~20x less than
+  ImageNet epochs: base lr 2.0 instead of 0.1 (chosen before any run, not tuned on the test set). Average pooling rather than the cls token: after a short pretraining the cls token is
   the weaker feature.
 - Accuracy is that of the final weights on the 10k test images. Fashion-MNIST has no separate validation
   split, so the `best.safetensors` each run keeps was picked on the test set: it is not reported here.
@@ -142,6 +146,8 @@ NOTES = """\
 - Pretrain for hundreds of epochs (the paper's linear-probe accuracy keeps rising to 1600 epochs) and
   fine-tune for 50-100 epochs with the full recipe (mixup 0.8, cutmix 1.0, RandAugment m9), which pays
   off only on long runs; use the `tiny` size (192 x 12) or larger.
+- Probe more than the last block: MAE's last blocks specialise in reconstruction, and features of
+  earlier blocks (or several concatenated, as DINO's probe does) separate classes better linearly.
 - Choose hyper-parameters (fine-tuning lr, LARS lr, mask ratio) on a held-out part of the training set
   rather than by prior, and report the mean and spread over several seeds: single runs on a shared
   machine differ by a few tenths of a percent.

@@ -50,3 +50,21 @@ def test_noise_is_a_function_of_the_seed_only():
     assert noise.shape == (3, 10)
     assert torch.equal(noise[0], noise[2]) and not torch.equal(noise[0], noise[1])
     assert float(noise.min()) >= 0 and float(noise.max()) < 1
+
+
+class _Fixed(torch.utils.data.Dataset):
+    draws_random = False
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return torch.rand(1), i  # would differ per seed if the wrapper seeded it
+
+
+def test_datasets_without_randomness_are_read_unseeded():
+    torch.manual_seed(0)
+    data = SeededDataset(_Fixed())
+    first, again = data[(0, 5)], data[(0, 5)]
+    assert first[2] == 5 and first[1] == 0
+    assert not torch.equal(first[0], again[0])  # the global stream advanced: no seeding took place

@@ -99,18 +99,24 @@ def seeded_rng(seed: int):
 class SeededDataset(Dataset):
     """Wraps a dataset of `(image, label)` (or None for an unreadable file) to take `(index, seed)`.
 
-    Returns `(image, label, seed)`, with the augmentation drawn from `seed`, or None.
+    Returns `(image, label, seed)`, with the augmentation drawn from `seed`, or None. A dataset
+    whose items involve no randomness says so with a class attribute `draws_random = False` (e.g.
+    cached features): its items are then read without seeding, which would cost more than the read.
     """
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
+        self.seeds_items = getattr(dataset, "draws_random", True)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        with seeded_rng(seed):
+        if self.seeds_items:
+            with seeded_rng(seed):
+                item = self.dataset[index]
+        else:
             item = self.dataset[index]
         if item is None:
             return None

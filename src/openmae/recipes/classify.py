@@ -232,6 +232,8 @@ class Transformed(Dataset):
 class Features(Dataset):
     """Cached features `[N, D]` and labels `[N]` as items `(feature [D], label)`."""
 
+    draws_random = False  # `SeededDataset` reads items without seeding the RNGs
+
     def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         self.features = features
         self.labels = labels.tolist()
