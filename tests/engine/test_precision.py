@@ -149,3 +149,28 @@ def test_bf16_training_runs_its_matrix_products_through_the_fp32_gemm_path(tmp_p
     assert bf16.progress.step == fp32.progress.step == 2
     fp32_loss, bf16_loss = train_loss(fp32.output_dir), train_loss(bf16.output_dir)
     assert abs(bf16_loss - fp32_loss) < 2e-2 * fp32_loss  # bf16 tolerance of the same training
+
+
+def test_cpu_bf16_attention_gradients_match_fp32_and_keep_bf16_for_backward(monkeypatch):
+    monkeypatch.setattr(layers, "_slow_low_precision_cpu", lambda x: True)
+    torch.manual_seed(0)
+    q32, k32, v32 = torch.randn(3, 2, 4, 17, 16).unbind(0)
+    q, k, v = (t.to(torch.bfloat16).requires_grad_() for t in (q32, k32, v32))
+    saved = []
+
+    def pack(tensor):
+        saved.append((tensor.dtype, tensor.numel()))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = layers.attention(q, k, v)
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+
+    exact = [t.to(torch.bfloat16).float().requires_grad_() for t in (q32, k32, v32)]
+    F.scaled_dot_product_attention(*exact).backward(grad_out.float())
+    for low, high in zip((q, k, v), exact, strict=True):
+        assert low.grad.dtype == torch.bfloat16
+        assert relative_error([low.grad.float()], [high.grad]) < 2e-2
+    full_size = q.numel()
+    assert [d for d, n in saved if n >= full_size] == [torch.bfloat16] * 4  # q, k, v, out; no fp32 copy

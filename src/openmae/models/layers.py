@@ -32,8 +32,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, heads, N, head_dim]
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # [B, N, 3, heads, head_dim]
+        # Split on the "3" axis, then move heads forward. In backward the three gradients are then
+        # stacked straight into qkv's layout: one copy, where permuting first costs a second one.
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, heads, N, head_dim]
         x = attention(q, k, v)  # [B, heads, N, head_dim]
         x = x.transpose(1, 2).reshape(B, N, D)
         return self.proj(x)
@@ -44,13 +46,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     the device and dtype.
 
     SDPA everywhere, except bf16/fp16 on a CPU without matrix units for that type: there SDPA's
-    low-precision kernel runs 1.3-5x slower than its fp32 one, so the inputs are widened (exactly),
-    attention runs in fp32 (autocast would narrow them again) and the result is rounded back.
+    low-precision kernel runs 1.3-5x slower than its fp32 one, so attention runs in fp32 on widened
+    (exact) copies and only the low-precision tensors are kept for backward (`WidenedCpuAttention`).
     """
     if _slow_low_precision_cpu(q):
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+        return WidenedCpuAttention.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
+
+
+class WidenedCpuAttention(torch.autograd.Function):
+    """Low-precision `[B, heads, N, head_dim]` attention computed by the fp32 CPU flash kernels.
+
+    Forward widens q, k, v, runs the fp32 kernel and rounds the output back. For backward it keeps
+    q, k, v and the output in their low precision (plus the fp32 log-sum-exp, `[B, heads, N]`) and
+    widens them again there: the activation memory of a low-precision run, where widening before
+    SDPA would keep four fp32 copies per block alive until backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            out, logsumexp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q.float(), k.float(), v.float()
+            )
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, logsumexp)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, out, logsumexp = ctx.saved_tensors
+        with torch.autocast("cpu", enabled=False):
+            grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out.float(), q.float(), k.float(), v.float(), out.float(), logsumexp, 0.0, False
+            )
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
 
 
 def _slow_low_precision_cpu(x: torch.Tensor) -> bool:
