@@ -131,8 +131,9 @@ NOTES = """\
 - Linear probe: the paper's head (BatchNorm without affine + linear) and LARS, on average-pooled
   features extracted once (no augmentation), the paper's 90 epochs (10 of warm-up). LARS moves each
   weight matrix by a fixed share of its norm per step, so 60k-image epochs move the head ~20x less than
-  ImageNet epochs: base lr 2.0 instead of 0.1 (chosen before any run, not tuned on the test set). Average pooling rather than the cls token: after a short pretraining the cls token is
-  the weaker feature.
+  ImageNet epochs: base lr 2.0 instead of 0.1 (chosen before any run, not tuned on the test set).
+  Average pooling rather than the cls token: after a short pretraining the cls token is the weaker
+  feature.
 - Accuracy is that of the final weights on the 10k test images. Fashion-MNIST has no separate validation
   split, so the `best.safetensors` each run keeps was picked on the test set: it is not reported here.
 - Wall times include process start, data loading and feature extraction. The table is meant for a
