@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -113,10 +113,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         index, seed = key
-        if self.seeds_items:
-            with seeded_rng(seed):
-                item = self.dataset[index]
-        else:
+        with seeded_rng(seed) if self.seeds_items else nullcontext():
             item = self.dataset[index]
         if item is None:
             return None
