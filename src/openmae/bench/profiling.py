@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 # First match wins, so specific names come before the generic ones.
 CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "convolution", "aten::linear")),
-    ("attention", ("scaled_dot_product", "softmax")),
+    ("attention", ("scaled_dot_product", "softmax", "attention")),  # its products count as matmul
     ("optimizer", ("adam", "_foreach_", "optimizer.")),
     ("layer norm", ("layer_norm",)),
     ("gelu", ("gelu",)),

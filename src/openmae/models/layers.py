@@ -33,25 +33,97 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # [B, N, 3, heads, head_dim]
-        # Split on the "3" axis, then move heads forward. In backward the three gradients are then
-        # stacked straight into qkv's layout: one copy, where permuting first costs a second one.
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, heads, N, head_dim]
-        x = attention(q, k, v)  # [B, heads, N, head_dim]
-        x = x.transpose(1, 2).reshape(B, N, D)
-        return self.proj(x)
+        x = attention(qkv)  # [B, N, heads, head_dim]
+        return self.proj(x.reshape(B, N, D))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """`softmax(q k^T / sqrt(head_dim)) v` over `[B, heads, N, head_dim]`, by the fastest path for
-    the device and dtype.
+# Up to this many tokens, torch's CPU flash-attention kernels spend more time on their tiling than
+# on the products: direct matrix products run forward + backward 1.2-2x faster (measured on
+# 17-129 tokens, head widths 32 and 64). Longer sequences go to the flash kernels.
+SHORT_SEQUENCE = 128
 
-    SDPA everywhere, except bf16/fp16 on a CPU without matrix units for that type: there SDPA's
-    low-precision kernel runs 1.3-5x slower than its fp32 one, so attention runs in fp32 on widened
-    (exact) copies and only the low-precision tensors are kept for backward (`WidenedCpuAttention`).
+
+def attention(qkv: torch.Tensor) -> torch.Tensor:
+    """`softmax(q k^T / sqrt(head_dim)) v` per head: packed `[B, N, 3, heads, head_dim]` ->
+    `[B, N, heads, head_dim]`, by the fastest path for the device, dtype and length
+    (see `attention_path`)."""
+    path = attention_path(qkv)
+    if path == "short":
+        return ShortCpuAttention.apply(qkv)
+    # Split on the "3" axis, then move heads forward. In backward the three gradients are then
+    # stacked straight into qkv's layout: one copy, where permuting first costs a second one.
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, heads, N, head_dim]
+    if path == "widened":
+        out = WidenedCpuAttention.apply(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2)  # [B, N, heads, head_dim]
+
+
+def attention_path(qkv: torch.Tensor) -> str:
+    """Which kernel `attention` uses for a packed `[B, N, 3, heads, head_dim]` input.
+
+    - "short": a CPU sequence of at most `SHORT_SEQUENCE` tokens in fp32, or in a low precision
+      without matrix units: plain fp32 matrix products (`ShortCpuAttention`).
+    - "widened": a longer low-precision CPU sequence without matrix units for its type, where
+      SDPA's low-precision kernel runs 1.3-5x slower than its fp32 one: the fp32 flash kernels
+      on widened copies (`WidenedCpuAttention`).
+    - "sdpa": everything else, GPUs included.
     """
-    if _slow_low_precision_cpu(q):
-        return WidenedCpuAttention.apply(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
+    if qkv.device.type != "cpu":
+        return "sdpa"
+    slow_low_precision = _slow_low_precision_cpu(qkv)
+    if qkv.shape[1] <= SHORT_SEQUENCE and (qkv.dtype == torch.float32 or slow_low_precision):
+        return "short"
+    return "widened" if slow_low_precision else "sdpa"
+
+
+class ShortCpuAttention(torch.autograd.Function):
+    """Attention over a short CPU sequence as plain matrix products, one head at a time:
+    packed qkv `[B, N, 3, heads, head_dim]` -> `[B, N, heads, head_dim]`.
+
+    Each head's q, k and v are strided views of qkv that the batched products read in place, so
+    nothing is permuted or copied on the way in, and the heads' outputs are stacked straight into
+    the layout the output projection reads. For backward it keeps qkv (in its dtype) and the
+    attention probabilities `[B, N, N]` per head; the flash kernels keep the output and the
+    log-sum-exp instead, which is more for N <= head_dim. Low-precision inputs are widened to fp32
+    (exactly) for the products and the softmax; results are rounded back once.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor) -> torch.Tensor:
+        scale = qkv.shape[-1] ** -0.5
+        probs, outs = [], []
+        with torch.autocast("cpu", enabled=False):
+            for q, k, v in _heads(qkv):  # 3 x [B, N, head_dim]
+                head_probs = torch.bmm(q, k.transpose(1, 2)).mul_(scale).softmax(-1)  # [B, N, N]
+                outs.append(torch.bmm(head_probs, v).to(qkv.dtype))
+                probs.append(head_probs.to(qkv.dtype))
+        ctx.save_for_backward(qkv, *probs)
+        return torch.stack(outs, dim=2)  # [B, N, heads, head_dim]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        qkv, *probs = ctx.saved_tensors
+        scale = qkv.shape[-1] ** -0.5
+        grad_q, grad_k, grad_v = [], [], []
+        with torch.autocast("cpu", enabled=False):
+            for h, (q, k, v) in enumerate(_heads(qkv)):
+                head_probs, grad = widened(probs[h]), widened(grad_out[:, :, h])  # [B, N, N], [B, N, hd]
+                grad_v.append(torch.bmm(head_probs.transpose(1, 2), grad).to(qkv.dtype))
+                # Softmax backward in place, p * dp - p * sum_j(p_j dp_j); then the scale of q k^T.
+                grad_scores = torch.bmm(grad, v.transpose(1, 2)).mul_(head_probs)  # [B, N, N]
+                grad_scores.addcmul_(head_probs, grad_scores.sum(-1, keepdim=True), value=-1).mul_(scale)
+                grad_q.append(torch.bmm(grad_scores, k).to(qkv.dtype))
+                grad_k.append(torch.bmm(grad_scores.transpose(1, 2), q).to(qkv.dtype))
+        return torch.stack(grad_q + grad_k + grad_v, dim=2).view(qkv.shape)  # [B, N, 3, heads, hd]
+
+
+def _heads(qkv: torch.Tensor):
+    """Per head, its q, k, v `[B, N, head_dim]` from packed `[B, N, 3, heads, head_dim]`, widened."""
+    for h in range(qkv.shape[3]):
+        yield tuple(widened(qkv[:, :, i, h]) for i in range(3))
 
 
 class WidenedCpuAttention(torch.autograd.Function):
@@ -84,9 +156,16 @@ class WidenedCpuAttention(torch.autograd.Function):
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
 
 
+def widened(x: torch.Tensor) -> torch.Tensor:
+    """A bf16/fp16 tensor as fp32 (exact); any other tensor as it is."""
+    return x.float() if x.dtype in _LOW_PRECISIONS else x
+
+
+_LOW_PRECISIONS = (torch.bfloat16, torch.float16)
+
+
 def _slow_low_precision_cpu(x: torch.Tensor) -> bool:
-    low_precision = x.dtype in (torch.bfloat16, torch.float16)
-    return low_precision and x.device.type == "cpu" and not cpu_has_matrix_units(x.dtype)
+    return x.dtype in _LOW_PRECISIONS and x.device.type == "cpu" and not cpu_has_matrix_units(x.dtype)
 
 
 @cache
