@@ -91,7 +91,7 @@ class Bf16GemmInFp32(TorchDispatchMode):
         kwargs = kwargs or {}
         if func in _GEMMS and _is_cpu_bf16(args):
             workspace = fp32_workspace()
-            wide = [workspace.widen(slot, a) if isinstance(a, torch.Tensor) else a for slot, a in enumerate(args)]
+            wide = [workspace.widen(i, a) if isinstance(a, torch.Tensor) else a for i, a in enumerate(args)]
             out = workspace.buffer("out", _product_shape(wide[-2], wide[-1]))
             return _GEMMS[func](*wide, **kwargs, out=out).to(torch.bfloat16)
         if func in _CONVS and _is_cpu_bf16(args):
