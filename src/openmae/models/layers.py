@@ -19,7 +19,7 @@ LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention through `F.scaled_dot_product_attention`."""
+    """Multi-head self-attention; `attention` picks the kernel (SDPA, or a faster one on CPU)."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
         super().__init__()
@@ -95,35 +95,37 @@ class ShortCpuAttention(torch.autograd.Function):
         scale = qkv.shape[-1] ** -0.5
         probs, outs = [], []
         with torch.autocast("cpu", enabled=False):
-            for q, k, v in _heads(qkv):  # 3 x [B, N, head_dim]
+            for q, k, v in _heads(widened(qkv)):  # 3 x [B, N, head_dim]
                 head_probs = torch.bmm(q, k.transpose(1, 2)).mul_(scale).softmax(-1)  # [B, N, N]
-                outs.append(torch.bmm(head_probs, v).to(qkv.dtype))
+                outs.append(torch.bmm(head_probs, v))
                 probs.append(head_probs.to(qkv.dtype))
         ctx.save_for_backward(qkv, *probs)
-        return torch.stack(outs, dim=2)  # [B, N, heads, head_dim]
+        return torch.stack(outs, dim=2).to(qkv.dtype)  # [B, N, heads, head_dim]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
         qkv, *probs = ctx.saved_tensors
         scale = qkv.shape[-1] ** -0.5
+        grad_out = widened(grad_out)  # [B, N, heads, head_dim]
         grad_q, grad_k, grad_v = [], [], []
         with torch.autocast("cpu", enabled=False):
-            for h, (q, k, v) in enumerate(_heads(qkv)):
-                head_probs, grad = widened(probs[h]), widened(grad_out[:, :, h])  # [B, N, N], [B, N, hd]
-                grad_v.append(torch.bmm(head_probs.transpose(1, 2), grad).to(qkv.dtype))
+            for h, (q, k, v) in enumerate(_heads(widened(qkv))):
+                head_probs, grad = widened(probs[h]), grad_out[:, :, h]  # [B, N, N], [B, N, head_dim]
+                grad_v.append(torch.bmm(head_probs.transpose(1, 2), grad))
                 # Softmax backward in place, p * dp - p * sum_j(p_j dp_j); then the scale of q k^T.
                 grad_scores = torch.bmm(grad, v.transpose(1, 2)).mul_(head_probs)  # [B, N, N]
                 grad_scores.addcmul_(head_probs, grad_scores.sum(-1, keepdim=True), value=-1).mul_(scale)
-                grad_q.append(torch.bmm(grad_scores, k).to(qkv.dtype))
-                grad_k.append(torch.bmm(grad_scores.transpose(1, 2), q).to(qkv.dtype))
-        return torch.stack(grad_q + grad_k + grad_v, dim=2).view(qkv.shape)  # [B, N, 3, heads, hd]
+                grad_q.append(torch.bmm(grad_scores, k))
+                grad_k.append(torch.bmm(grad_scores.transpose(1, 2), q))
+        grad_qkv = torch.stack(grad_q + grad_k + grad_v, dim=2)  # [B, N, 3 * heads, head_dim]
+        return grad_qkv.view(qkv.shape).to(qkv.dtype)
 
 
 def _heads(qkv: torch.Tensor):
-    """Per head, its q, k, v `[B, N, head_dim]` from packed `[B, N, 3, heads, head_dim]`, widened."""
+    """Per head, its q, k, v `[B, N, head_dim]`: strided views of packed `[B, N, 3, heads, head_dim]`."""
     for h in range(qkv.shape[3]):
-        yield tuple(widened(qkv[:, :, i, h]) for i in range(3))
+        yield qkv[:, :, 0, h], qkv[:, :, 1, h], qkv[:, :, 2, h]
 
 
 class WidenedCpuAttention(torch.autograd.Function):
