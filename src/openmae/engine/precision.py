@@ -109,24 +109,37 @@ def _product_shape(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
 
 
 class Fp32Workspace:
-    """Named fp32 buffers that grow to the largest size asked for and are then reused."""
+    """Named fp32 buffers that grow to the largest size asked for and are then reused.
+
+    Views are cached per (name, shape, strides): a training step asks for the same few shapes
+    again and again, and a cached view costs no tensor op to hand out.
+    """
 
     def __init__(self) -> None:
         self.buffers: dict[int | str, torch.Tensor] = {}
+        self.views: dict[tuple, torch.Tensor] = {}
 
-    def buffer(self, name: int | str, shape: tuple[int, ...]) -> torch.Tensor:
-        """A contiguous fp32 `shape` view of buffer `name` (its old contents are overwritten)."""
-        numel = math.prod(shape)
-        flat = self.buffers.get(name)
-        if flat is None or flat.numel() < numel:
-            flat = self.buffers[name] = torch.empty(numel, dtype=torch.float32)
-        return flat[:numel].view(shape)
+    def buffer(
+        self, name: int | str, shape: tuple[int, ...], strides: tuple[int, ...] | None = None
+    ) -> torch.Tensor:
+        """An fp32 view of buffer `name` with `shape` and dense `strides` (default: contiguous);
+        its old contents are overwritten by the next user."""
+        key = (name, shape, strides)
+        view = self.views.get(key)
+        if view is None:
+            numel = math.prod(shape)
+            flat = self.buffers.get(name)
+            if flat is None or flat.numel() < numel:
+                flat = self.buffers[name] = torch.empty(numel, dtype=torch.float32)
+                self.views = {k: v for k, v in self.views.items() if k[0] != name}  # old buffer
+            view = flat[:numel].view(shape) if strides is None else flat.as_strided(shape, strides)
+            self.views[key] = view
+        return view
 
     def widen(self, name: int | str, x: torch.Tensor) -> torch.Tensor:
         """`x` as fp32 in buffer `name`; a transposed matrix stays transposed (no reordering copy)."""
-        if not x.is_contiguous() and x.mT.is_contiguous():
-            return self.widen(name, x.mT).mT
-        return self.buffer(name, tuple(x.shape)).copy_(x)
+        dense = not x.is_contiguous() and x.mT.is_contiguous()  # e.g. a weight's `.t()`
+        return self.buffer(name, tuple(x.shape), tuple(x.stride()) if dense else None).copy_(x)
 
 
 _thread_state = threading.local()
