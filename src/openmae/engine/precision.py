@@ -140,8 +140,8 @@ class Fp32Workspace:
 
     def widen(self, name: int | str, x: torch.Tensor) -> torch.Tensor:
         """`x` as fp32 in buffer `name`; a transposed matrix stays transposed (no reordering copy)."""
-        dense = not x.is_contiguous() and x.mT.is_contiguous()  # e.g. a weight's `.t()`
-        return self.buffer(name, tuple(x.shape), tuple(x.stride()) if dense else None).copy_(x)
+        transposed = not x.is_contiguous() and x.mT.is_contiguous()  # e.g. a weight's `.t()`
+        return self.buffer(name, tuple(x.shape), tuple(x.stride()) if transposed else None).copy_(x)
 
 
 _thread_state = threading.local()

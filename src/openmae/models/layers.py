@@ -158,12 +158,12 @@ class WidenedCpuAttention(torch.autograd.Function):
         return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True))
 
 
+_LOW_PRECISIONS = (torch.bfloat16, torch.float16)
+
+
 def widened(x: torch.Tensor) -> torch.Tensor:
     """A bf16/fp16 tensor as fp32 (exact); any other tensor as it is."""
     return x.float() if x.dtype in _LOW_PRECISIONS else x
-
-
-_LOW_PRECISIONS = (torch.bfloat16, torch.float16)
 
 
 def _slow_low_precision_cpu(x: torch.Tensor) -> bool:
