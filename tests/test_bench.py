@@ -12,7 +12,7 @@ from PIL import Image
 from openmae.bench import engines, main
 from openmae.bench.engines import ENGINES, TrainStep, build_optimizer, engines_for, step_flops
 from openmae.bench.profiling import category
-from openmae.bench.run import _steps_per_repeat
+from openmae.bench.run import BenchOptions, _steps_per_repeat, _warm_up, named_configs
 from openmae.data.jpeg import crop_boxes, decode_crops, draft_crops
 from openmae.models import create_model, model_config
 
@@ -141,6 +141,30 @@ def test_slow_engines_run_fewer_steps_per_repeat():
     assert _steps_per_repeat(0.5, steps=5, max_seconds=30) == 5
     assert _steps_per_repeat(10.0, steps=5, max_seconds=30) == 3
     assert _steps_per_repeat(100.0, steps=5, max_seconds=30) == 1
+
+
+class SlowFirstStepWorker:
+    """A worker whose first step (the build) takes 100 s and every later step 1 s."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def call(self, command: str, **kwargs):
+        if command == "build":
+            return {"first_loss": 1.0, "first_step_s": 100.0}
+        self.runs += kwargs["steps"]
+        return 1.0
+
+
+@pytest.mark.parametrize("name, extra_warmups", [("openmae", 0), ("openmae_compile", 2)])
+def test_only_compiled_engines_warm_up_past_a_slow_first_step(name, extra_warmups):
+    # A slow first step warms an eager engine; a compiled one spent it compiling.
+    worker = SlowFirstStepWorker()
+    options = BenchOptions(configs=[], warmup=3, max_repeat_seconds=30)
+    config = named_configs(torch.device("cpu"))["tiny"]
+    warm = _warm_up(worker, ENGINES[name], config, "fp32", options)
+    assert worker.runs == extra_warmups
+    assert warm["warm_step_s"] == (1.0 if extra_warmups else 100.0)
 
 
 def test_bench_runs_end_to_end(tmp_path, photo):
