@@ -7,7 +7,7 @@ Sized for a 2-core CPU; writes benchmarks/results/pretrain_speed.md and .jsonl.
 
 import sys
 
-from openmae.bench import main
+from openmae.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["bench", *sys.argv[1:]]))

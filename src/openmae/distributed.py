@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Sampler
 
+from openmae import hardware
 from openmae.models.layers import Block
 
 
@@ -53,15 +54,15 @@ class DistInfo:
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     """`auto` picks CUDA, then MPS, then CPU; `cuda` without a GPU is a clear error."""
     if name == "auto":
-        if torch.cuda.is_available():
+        if hardware.cuda_available():
             return torch.device("cuda", local_rank)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but there is no CUDA GPU; use device=cpu or auto")
+        if not hardware.cuda_available():
+            raise ValueError("device 'cuda' was asked for but there is no CUDA GPU; use device=cpu or auto")
         if device.index is None:
             device = torch.device("cuda", local_rank)
     return device

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from openmae import hardware
 from openmae.data import (
     DataConfig,
     SyntheticImages,
@@ -32,8 +33,14 @@ def test_config_fields_have_help_and_validate():
     with pytest.raises(ValueError, match="crop_scale"):
         DataConfig(crop_scale=(0.8, 0.2))
     assert DataConfig(num_workers=0).resolved_num_workers() == 0
-    assert 2 <= DataConfig().resolved_num_workers() == default_num_workers() <= 8
+    assert DataConfig().resolved_num_workers() == default_num_workers()
     assert DataConfig(dataset="fashion_mnist").resolved_num_workers() == 0
+
+
+@pytest.mark.parametrize(("cores", "workers"), [(1, 2), (2, 2), (4, 3), (64, 8)])
+def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch, cores, workers):
+    monkeypatch.setattr(hardware, "usable_cores", lambda: cores)
+    assert default_num_workers() == workers
 
 
 def test_folder_train_and_val_share_class_indices(tmp_path):

@@ -4,12 +4,12 @@ import sys
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
-from openmae.data import UnreadableImageError, convert_channels, decode_image, read_image
-
-tifffile = pytest.importorskip("tifffile")
+from openmae.data import ImageFolderDataset, UnreadableImageError, convert_channels, decode_image, read_image
+from openmae.extras import MissingExtraError
 
 
 def rgb_array(h=12, w=10, seed=0):
@@ -75,6 +75,16 @@ def test_tiff_read_by_pil_when_tifffile_is_missing(tmp_path, monkeypatch):
     torch.testing.assert_close(
         read_image(tmp_path / "rgb.tif"), torch.from_numpy(array).permute(2, 0, 1) / 255
     )
+
+
+def test_multiband_tiff_without_tifffile_names_the_extra_before_any_training(tmp_path, monkeypatch):
+    bands = np.zeros((7, 5, 6), dtype=np.uint16)  # [H, W, C]: six bands, which PIL cannot read
+    tifffile.imwrite(tmp_path / "s.tif", bands, photometric="minisblack", planarconfig="contig")
+    monkeypatch.setitem(sys.modules, "tifffile", None)
+    with pytest.raises(MissingExtraError, match=r"pip install 'openmae\[tiff\]'"):
+        read_image(tmp_path / "s.tif")
+    with pytest.raises(MissingExtraError, match="s.tif"):  # the folder fails when built, not mid-run
+        ImageFolderDataset(tmp_path)
 
 
 def test_float_tiff_is_kept_as_stored(tmp_path):

@@ -25,9 +25,16 @@ import torch
 from safetensors.torch import load_file
 
 import openmae
+from openmae import hardware
 from openmae.cli import main
 from openmae.config import load_config
-from openmae.distributed import GlobalBatchNorm, GracefulStop, ShardedEvalSampler, use_global_batch_norm
+from openmae.distributed import (
+    GlobalBatchNorm,
+    GracefulStop,
+    ShardedEvalSampler,
+    resolve_device,
+    use_global_batch_norm,
+)
 from openmae.recipes.knn import KnnMonitor
 from openmae.recipes.pretrain import PretrainConfig, PretrainTask, pretrain
 
@@ -170,6 +177,21 @@ def single(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------
 # In one process
+
+
+@pytest.mark.parametrize("has_cuda", [True, False])
+def test_device_choice_with_and_without_cuda(monkeypatch, has_cuda):
+    monkeypatch.setattr(hardware, "cuda_available", lambda: has_cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    if has_cuda:
+        assert resolve_device("auto", local_rank=1) == torch.device("cuda", 1)
+        assert resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)  # one GPU per rank
+        assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 0)
+    else:
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no CUDA GPU; use device=cpu"):
+            resolve_device("cuda")
 
 
 def test_sharded_eval_sampler_covers_every_sample_exactly_once():

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from openmae import hardware
 from openmae.config import load_config
 from openmae.engine import precision as precision_module
 from openmae.engine.precision import Bf16GemmInFp32, autocast, check_precision, gemm_context
@@ -116,12 +117,12 @@ def test_cpu_bf16_attention_path_matches_plain_sdpa(model, monkeypatch):
 
 
 def test_gemm_context_engages_only_for_cpu_bf16_without_matrix_units(monkeypatch):
-    monkeypatch.setattr(precision_module, "cpu_has_matrix_units", lambda dtype: False)
+    monkeypatch.setattr(hardware, "cpu_has_matrix_units", lambda dtype: False)
     assert isinstance(gemm_context("cpu", "bf16"), Bf16GemmInFp32)
     assert not isinstance(gemm_context("cpu", "bf16", gemm_in_fp32=False), Bf16GemmInFp32)
     assert not isinstance(gemm_context("cpu", "fp32"), Bf16GemmInFp32)
     assert not isinstance(gemm_context("cuda", "bf16"), Bf16GemmInFp32)
-    monkeypatch.setattr(precision_module, "cpu_has_matrix_units", lambda dtype: True)
+    monkeypatch.setattr(hardware, "cpu_has_matrix_units", lambda dtype: True)
     assert not isinstance(gemm_context("cpu", "bf16"), Bf16GemmInFp32)
 
 
@@ -143,7 +144,7 @@ def train_loss(run_dir) -> float:
 
 def test_bf16_training_runs_its_matrix_products_through_the_fp32_gemm_path(tmp_path, monkeypatch):
     # Count the products the mode widens, forward and backward, during a short bf16 run.
-    monkeypatch.setattr(precision_module, "cpu_has_matrix_units", lambda dtype: False)
+    monkeypatch.setattr(hardware, "cpu_has_matrix_units", lambda dtype: False)
     widened = []
     original = Bf16GemmInFp32.__torch_dispatch__
 

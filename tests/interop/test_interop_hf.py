@@ -10,8 +10,6 @@ from openmae.interop.hf import HF_TABLES, from_hf_state_dict
 from openmae.interop.keymap import to_theirs
 from openmae.models import MaskedAutoencoder
 
-transformers = pytest.importorskip("transformers")
-
 HEADS = {"num_heads": 2, "decoder_num_heads": 2}
 
 

@@ -11,6 +11,8 @@ import torch
 from openmae.bench.engines import DEFAULT_PEERS, ENGINES
 from openmae.bench.report import write_results
 from openmae.bench.run import BENCH_PRECISIONS, BenchOptions, custom_config, log, named_configs, run_benchmark
+from openmae.errors import UsageError
+from openmae.extras import require
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +118,8 @@ def options_from_args(args: argparse.Namespace, argv: list[str]) -> BenchOptions
         configs.append(custom_config(args.model, args.batch))
     if args.warmup < 1 or args.repeats < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError("--warmup, --repeats and --steps must be at least 1")
+    if any(ENGINES[name].library == "hf" for name in args.peers):
+        require("transformers")  # before anything runs: one line naming the extra
     return BenchOptions(
         configs=configs,
         precisions=list(args.precisions),
@@ -148,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         options = options_from_args(args, argv)
-    except ValueError as error:
-        parser.error(str(error))
+    except ValueError as error:  # MissingExtraError included
+        raise UsageError(str(error)) from error
     records = run_benchmark(options)
     md, jsonl = write_results(records, args.out)
     log(f"wrote {md} and {jsonl}")

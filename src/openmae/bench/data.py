@@ -27,12 +27,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from openmae.data import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, find_images, pretrain_transform
 from openmae.data.jpeg import draft_crops, to_normalized_tensor
+from openmae.extras import require
 
 PHOTO_SIZES = (320, 500, 800)  # longer side in pixels; ImageNet photos are mostly ~500 x 375
 
 
 def sample_photos() -> dict[str, np.ndarray]:
     """Colour photographs shipped with scikit-image and scikit-learn, `[H, W, 3]` uint8 each."""
+    require("skimage"), require("sklearn")  # one line naming the extra when they are missing
     import skimage.data
     from sklearn.datasets import load_sample_images
 

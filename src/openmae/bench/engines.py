@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from openmae.engine.precision import Precision, autocast, gemm_context, needs_gemm_in_fp32
+from openmae.extras import require
 from openmae.models import MAEConfig, MaskedAutoencoder
 
 
@@ -98,9 +99,9 @@ def build_model(spec: EngineSpec, config: MAEConfig, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     reference = MaskedAutoencoder(replace(config, encoder_mask_tokens=False))
     if spec.library == "hf":
-        from transformers import ViTMAEForPreTraining
-
         from openmae.interop import export_hf
+
+        ViTMAEForPreTraining = require("transformers").ViTMAEForPreTraining
 
         hf_config, state = export_hf(reference)
         model = ViTMAEForPreTraining(hf_config)

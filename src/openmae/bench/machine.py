@@ -13,10 +13,9 @@ from importlib import metadata
 
 import torch
 
+from openmae import hardware
 from openmae.engine.precision import Bf16GemmInFp32, Precision, needs_gemm_in_fp32
-from openmae.models.layers import cpu_has_matrix_units
 
-_CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 _PACKAGES = ("openmae", "torch", "transformers", "timm", "torchvision", "numpy", "pillow")
 
 
@@ -31,12 +30,12 @@ def load_average() -> tuple[float, float, float] | None:
 def machine_info(device: torch.device) -> dict:
     """CPU/GPU, memory, OS, thread count and library versions, for the results header."""
     info = {
-        "cpu": _cpu_name(),
-        "cpu_cores": os.cpu_count(),
-        "cpu_flags": [f for f in _CPU_FLAGS if f in _cpu_flags()],
+        "cpu": hardware.cpu_name(),
+        "cpu_cores": hardware.usable_cores(),
+        "cpu_flags": hardware.cpu_flags(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_native_bf16": cpu_has_matrix_units(torch.bfloat16),
-        "memory_gb": _memory_gb(),
+        "cpu_native_bf16": hardware.cpu_has_matrix_units(torch.bfloat16),
+        "memory_gb": hardware.memory_gb(),
         "os": platform.platform(),
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
@@ -46,35 +45,6 @@ def machine_info(device: torch.device) -> dict:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _cpu_name() -> str:
-    for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> set[str]:
-    for line in _read("/proc/cpuinfo").splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _memory_gb() -> float | None:
-    for line in _read("/proc/meminfo").splitlines():
-        if line.startswith("MemTotal:"):
-            return round(int(line.split()[1]) / 2**20, 1)
-    return None
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return ""
 
 
 def _version(package: str) -> str | None:

@@ -15,7 +15,15 @@ from typing import Literal
 import torch
 from torch.utils.data import Dataset
 
-from openmae.data.images import IMAGE_EXTENSIONS, Channels, UnreadableImageError, is_image_file, read_image
+from openmae import extras
+from openmae.data.images import (
+    IMAGE_EXTENSIONS,
+    Channels,
+    UnreadableImageError,
+    decode_image,
+    is_image_file,
+    read_image,
+)
 from openmae.data.jpeg import is_jpeg
 
 Labels = Literal["auto", "folders", "none"]
@@ -85,6 +93,18 @@ class ImageFolderDataset(Dataset):
         self.samples = self._scan(labels, classes)
         self.targets = [label for _, label in self.samples]
         self._warned: set[Path] = set()
+        self._check_tiff_reader()
+
+    def _check_tiff_reader(self) -> None:
+        """Without tifffile, fail here (not in a loader worker mid-run) when PIL cannot read the TIFFs."""
+        if extras.available("tifffile"):
+            return
+        first_tiff = next((p for p, _ in self.samples if p.suffix.lower() in (".tif", ".tiff")), None)
+        if first_tiff is not None:
+            try:
+                decode_image(first_tiff)  # raises MissingExtraError, naming the extra to install
+            except UnreadableImageError:
+                pass  # a damaged file, skipped like any other
 
     def _scan(self, labels: Labels, classes: Sequence[str] | None) -> list[tuple[Path, int]]:
         if labels == "auto":

@@ -1,7 +1,7 @@
 """Reading one image file into a float tensor `[C, H, W]` in [0, 1], at a chosen channel count.
 
-PIL decodes the common formats; TIFFs go through `tifffile` when it is installed (it comes with
-scikit-image) because PIL cannot read TIFFs with more than 4 bands (satellite, microscopy).
+PIL decodes the common formats; TIFFs go through `tifffile` when it is installed (the `tiff` extra)
+because PIL cannot read TIFFs with more than 4 bands (satellite, microscopy).
 Integer pixels are scaled by their type's maximum (so 16-bit images use their full range);
 float pixels are kept as stored.
 """
@@ -14,6 +14,9 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
+
+from openmae import extras
+from openmae.extras import MissingExtraError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -70,7 +73,7 @@ def decode_image(path: str | Path) -> torch.Tensor:
             array = _read_tiff(path)  # [H, W, C]
         else:
             array = _read_pil(path)  # [H, W, C]
-    except MemoryError:
+    except (MemoryError, MissingExtraError):
         raise
     except Exception as error:
         # Decoders raise many types on damaged files (OSError, ValueError, SyntaxError, EOFError...).
@@ -124,11 +127,18 @@ def _read_pil(path: Path) -> np.ndarray:
 
 
 def _read_tiff(path: Path) -> np.ndarray:
-    """`[H, W, C]` array from tifffile (any band count), or from PIL when tifffile is missing or fails."""
-    try:
-        import tifffile
-    except ImportError:
-        return _read_pil(path)
+    """`[H, W, C]` array from tifffile (any band count), or from PIL when tifffile is missing.
+
+    Without tifffile, a TIFF PIL cannot read (more than 4 bands, say) raises `MissingExtraError`.
+    """
+    if not extras.available("tifffile"):
+        try:
+            return _read_pil(path)
+        except Exception as error:
+            raise MissingExtraError(
+                f"{path}: PIL cannot read this TIFF, and {extras.missing_extra_message('tifffile')}"
+            ) from error
+    tifffile = extras.require("tifffile")
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]

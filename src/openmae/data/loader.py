@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from openmae import hardware
 
 
 class Batch(NamedTuple):
@@ -34,11 +35,7 @@ def collate_skip(batch: list[tuple[torch.Tensor, int] | None]) -> Batch:
 def default_num_workers() -> int:
     """Data-loading processes when not set: one per CPU core left after the training process,
     at least 2 (decoding overlaps the model step even on a 2-core laptop), at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return min(8, max(2, cores - 1))
+    return min(8, max(2, hardware.usable_cores() - 1))
 
 
 def build_loader(
@@ -64,7 +61,7 @@ def build_loader(
         sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_skip,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=hardware.cuda_available(),
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
         generator=torch.Generator().manual_seed(seed),

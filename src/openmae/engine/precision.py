@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from openmae.models.layers import cpu_has_matrix_units
+from openmae import hardware
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -61,7 +61,7 @@ def needs_gemm_in_fp32(device: torch.device | str, precision: str) -> bool:
     return (
         precision == "bf16"
         and torch.device(device).type == "cpu"
-        and not cpu_has_matrix_units(torch.bfloat16)
+        and not hardware.cpu_has_matrix_units(torch.bfloat16)
     )
 
 

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from openmae.extras import require
 from openmae.interop.keymap import Rule, rule, to_ours, to_theirs
 from openmae.interop.reference import load_pickle
 from openmae.interop.state import unwrap_model
@@ -191,11 +192,7 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError("exporting to HuggingFace needs transformers: pip install transformers") from e
-    return transformers
+    return require("transformers")
 
 
 def hf_config_dict(config: MAEConfig) -> dict:

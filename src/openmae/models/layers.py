@@ -8,12 +8,14 @@ are timm's own.
 
 from __future__ import annotations
 
-from functools import cache, partial
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
 from torch import nn
+
+from openmae import hardware
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -167,17 +169,8 @@ def widened(x: torch.Tensor) -> torch.Tensor:
 
 
 def _slow_low_precision_cpu(x: torch.Tensor) -> bool:
-    return x.dtype in _LOW_PRECISIONS and x.device.type == "cpu" and not cpu_has_matrix_units(x.dtype)
-
-
-@cache
-def cpu_has_matrix_units(dtype: torch.dtype) -> bool:
-    """Whether oneDNN has native `dtype` kernels on this CPU (bf16: AVX512-BF16/AMX; fp16: AVX512-FP16)."""
-    check = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
-    try:
-        return bool(getattr(torch.ops.mkldnn, check)())
-    except (AttributeError, RuntimeError):  # a build without oneDNN
-        return False
+    on_cpu = x.dtype in _LOW_PRECISIONS and x.device.type == "cpu"
+    return on_cpu and not hardware.cpu_has_matrix_units(x.dtype)
 
 
 class Block(nn.Module):
