@@ -1,7 +1,8 @@
 """openmae: masked autoencoders for self-supervised pretraining of vision transformers."""
 
+from openmae.checkpoint import read_metadata, save_checkpoint
 from openmae.config import load_config
-from openmae.interop import export_hf, export_timm, load_checkpoint, save_checkpoint, to_hf, to_timm
+from openmae.interop import export_hf, export_timm, load_checkpoint, to_hf, to_timm
 from openmae.models import (
     MAEConfig,
     MAEOutput,
@@ -30,6 +31,7 @@ __all__ = [
     "load_config",
     "load_checkpoint",
     "pretrain",
+    "read_metadata",
     "save_checkpoint",
     "to_hf",
     "to_timm",

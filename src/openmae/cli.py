@@ -145,7 +145,7 @@ def bench_command(argv: list[str]) -> int:
 @command("linprobe", "train a linear probe on a frozen encoder (BatchNorm + linear head, LARS)")
 def linprobe_command(argv: list[str]) -> int:
     from openmae.config import parse_config_cli
-    from openmae.recipes.classify import LinprobeConfig, linprobe
+    from openmae.recipes.linprobe import LinprobeConfig, linprobe
 
     parser = _parser("linprobe", "Linear probing; checkpoint=none model=NAME probes a random encoder.")
     linprobe(parse_config_cli(LinprobeConfig, argv, parser=parser, find_config=shipped_config))
@@ -155,7 +155,7 @@ def linprobe_command(argv: list[str]) -> int:
 @command("finetune", "fine-tune an encoder end to end, or its last blocks (trainable_blocks=k)")
 def finetune_command(argv: list[str]) -> int:
     from openmae.config import parse_config_cli
-    from openmae.recipes.classify import FinetuneConfig, finetune
+    from openmae.recipes.finetune import FinetuneConfig, finetune
 
     parser = _parser("finetune", "Fine-tuning; checkpoint=none model=NAME trains from scratch.")
     finetune(parse_config_cli(FinetuneConfig, argv, parser=parser, find_config=shipped_config))

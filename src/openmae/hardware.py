@@ -80,3 +80,9 @@ def _read(path: str) -> str:
             return f.read()
     except OSError:
         return ""
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (a no-op on the CPU), so a timer reads the work's real end."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

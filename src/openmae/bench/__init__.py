@@ -1,12 +1,13 @@
 """Pretraining speed benchmark (`mae bench`): openmae against HuggingFace ViTMAE and the
-mask-tokens-in-encoder baseline, plus the data pipeline.
+mask-tokens-in-encoder baseline, every engine timed through the training loop users run.
 
-- `engines`: what is timed (same weights, same masks, same optimizer for everyone).
-- `precision`: fp32, bf16 autocast, and bf16 GEMMs as fp32 GEMMs on CPUs without bf16 units.
+- `engines`: what is timed (models and `accel` settings plugged into `engine.loop.Trainer`).
 - `worker`: one process per engine, so each gets its own peak memory; repeats are interleaved.
 - `machine`: machine description and the measured matrix-multiply peak.
-- `profiling`: torch.profiler breakdown of a step; `data`: JPEG pipeline throughput.
+- `profiling`: torch.profiler breakdown of a step.
 - `run`, `report`, `cli`: orchestration, results files, argument parsing.
+
+The data pipeline's speed is measured by `benchmarks/bench_data.py`.
 """
 
 from openmae.bench.cli import main

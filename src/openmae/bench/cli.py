@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from openmae.bench.engines import DEFAULT_PEERS, ENGINES
+from openmae.bench.engines import DEFAULT_PEERS, ENGINES, engine_spec
 from openmae.bench.report import write_results
 from openmae.bench.run import BENCH_PRECISIONS, BenchOptions, custom_config, log, named_configs, run_benchmark
 from openmae.errors import UsageError
@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--peers",
         nargs="*",
-        choices=[n for n in ENGINES if n != "openmae"],
         default=list(DEFAULT_PEERS),
-        help="engines to compare openmae with (default: %(default)s)",
+        help=f"engines to compare openmae with, from {', '.join(ENGINES)}; NAME@key=value,... forces "
+        "openmae paths, e.g. openmae@attention=per_head,gemm=fp32 (default: %(default)s)",
     )
     parser.add_argument(
         "--steps",
@@ -89,18 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="run engines in this process (faster start; no per-engine memory)",
     )
     parser.add_argument(
-        "--data-dir",
-        default=None,
-        help="JPEG folder for the data-pipeline timing (default: sample photos in a temp dir)",
-    )
-    parser.add_argument(
-        "--data-items",
-        type=int,
-        default=128,
-        help="images read per data-pipeline timing (default: %(default)s)",
-    )
-    parser.add_argument("--no-data", action="store_true", help="skip the data-pipeline timing")
-    parser.add_argument(
         "--peak-size",
         type=int,
         default=2048,
@@ -118,7 +106,9 @@ def options_from_args(args: argparse.Namespace, argv: list[str]) -> BenchOptions
         configs.append(custom_config(args.model, args.batch))
     if args.warmup < 1 or args.repeats < 1 or (args.steps is not None and args.steps < 1):
         raise ValueError("--warmup, --repeats and --steps must be at least 1")
-    if any(ENGINES[name].library == "hf" for name in args.peers):
+    for name in args.peers:
+        engine_spec(name)  # an unknown name or path is an error before anything runs
+    if any(engine_spec(name).library == "hf" for name in args.peers):
         require("transformers")  # before anything runs: one line naming the extra
     return BenchOptions(
         configs=configs,
@@ -137,9 +127,6 @@ def options_from_args(args: argparse.Namespace, argv: list[str]) -> BenchOptions
         profile=not args.no_profile,
         profile_peers=args.profile_peers,
         in_process=args.in_process,
-        data=not args.no_data,
-        data_dir=args.data_dir,
-        data_items=args.data_items,
         peak_size=args.peak_size,
         command=shlex.join(["mae", "bench", *argv]),
     )

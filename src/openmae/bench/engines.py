@@ -1,16 +1,22 @@
-"""The contestants: openmae, openmae with mask tokens in the encoder, and HuggingFace ViTMAE.
+"""The contestants, each timed through the training loop users run (`engine.loop.Trainer`).
 
-Every engine starts from the same weights (the openmae model built with the run's seed, copied
-into HF's layout by `openmae.interop.export_hf`), trains on the same images with the same masks
-(the same `noise` tensor each step) and uses the same optimizer, so the only differences are the
-model code and the precision path.
+An engine is a model (openmae's MAE, the paper's mask-tokens-in-encoder baseline, or HuggingFace
+ViTMAE with eager or SDPA attention) plus the loop's acceleration settings (`accel.*`). Every engine
+starts from the same weights (the openmae model built with the run's seed, copied into HF's layout
+by `openmae.interop.export_hf`), trains on the same images with the same masks (per-sample seeds,
+as in training), with the optimizer `engine.optim.build_optimizer` makes for a pretraining run.
+Only the model code and the execution paths differ.
+
+Engine names: a base name from `ENGINES`, optionally with forced paths, e.g.
+`openmae@attention=per_head,gemm=fp32` (any `accel.*` key).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -18,9 +24,14 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from openmae.engine.precision import Precision, autocast, gemm_context, needs_gemm_in_fp32
+from openmae.accel import AccelConfig
+from openmae.distributed import DistInfo
+from openmae.engine.loop import Schedule, TrainConfig, Trainer
+from openmae.engine.optim import OptimConfig, build_optimizer
+from openmae.engine.tasks import PretrainTask, noise_from_seeds
 from openmae.extras import require
-from openmae.models import MAEConfig, MaskedAutoencoder
+from openmae.logging import RunLogger
+from openmae.models import MAEConfig, MaskedAutoencoder, build_mae
 
 
 @dataclass(frozen=True)
@@ -30,10 +41,10 @@ class EngineSpec:
     Attributes:
         name: row label in the results.
         library: "openmae" or "hf" (transformers' ViTMAEForPreTraining).
-        attn: HF attention implementation ("eager" or "sdpa"); openmae picks its own.
-        mask_tokens: openmae's `encoder_mask_tokens` baseline (the paper's slow design).
-        gemm_in_fp32: bf16 GEMMs as fp32 GEMMs on CPUs without bf16 units (`Bf16GemmInFp32`).
-        compile: wrap the model in `torch.compile`.
+        attn: HF attention implementation ("eager" or "sdpa").
+        mask_tokens: the `MaskTokensInEncoder` baseline (the paper's slow design).
+        accel: the loop's `accel.*` settings for this engine.
+        compile: the loop's `compile=true`.
         about: one line for the results.
     """
 
@@ -41,57 +52,60 @@ class EngineSpec:
     library: Literal["openmae", "hf"]
     attn: str = "sdpa"
     mask_tokens: bool = False
-    gemm_in_fp32: bool = False
+    accel: AccelConfig = field(default_factory=lambda: AccelConfig(cache=False))
     compile: bool = False
     about: str = ""
 
 
+_STOCK = AccelConfig(attention="sdpa", gemm="native", cache=False)  # the plain model: no openmae paths
 ENGINES: dict[str, EngineSpec] = {
     spec.name: spec
     for spec in (
-        EngineSpec("openmae", "openmae", gemm_in_fp32=True, about="openmae, fastest path"),
+        EngineSpec("openmae", "openmae", about="openmae, paths measured on this machine (accel=auto)"),
+        EngineSpec("mask_tokens", "openmae", mask_tokens=True, about="openmae, mask tokens in encoder"),
         EngineSpec(
-            "mask_tokens",
-            "openmae",
-            mask_tokens=True,
-            gemm_in_fp32=True,
-            about="openmae, mask tokens in encoder",
+            "hf_eager", "hf", attn="eager", accel=_STOCK, about="HF ViTMAE, eager attention, autocast"
         ),
-        EngineSpec("hf_eager", "hf", attn="eager", about="HF ViTMAE, eager attention, torch.autocast"),
-        EngineSpec("hf_sdpa", "hf", attn="sdpa", about="HF ViTMAE, SDPA attention, torch.autocast"),
+        EngineSpec("hf_sdpa", "hf", attn="sdpa", accel=_STOCK, about="HF ViTMAE, SDPA attention, autocast"),
         EngineSpec(
-            "hf_eager_gemm32",
-            "hf",
-            attn="eager",
-            gemm_in_fp32=True,
-            about="HF eager + our bf16 GEMMs in fp32",
+            "hf_eager_accel", "hf", attn="eager", about="HF eager + openmae's measured bf16 GEMM path"
         ),
-        EngineSpec(
-            "hf_sdpa_gemm32", "hf", attn="sdpa", gemm_in_fp32=True, about="HF SDPA + our bf16 GEMMs in fp32"
-        ),
-        EngineSpec("openmae_autocast", "openmae", about="openmae, plain torch.autocast (bf16 GEMMs in bf16)"),
+        EngineSpec("hf_sdpa_accel", "hf", attn="sdpa", about="HF SDPA + openmae's measured bf16 GEMM path"),
+        EngineSpec("openmae_plain", "openmae", accel=_STOCK, about="openmae's plain model: SDPA, autocast"),
         EngineSpec("openmae_compile", "openmae", compile=True, about="openmae + torch.compile (inductor)"),
     )
 }
 HF_STOCK = ("hf_eager", "hf_sdpa")  # what an HF user gets: the bar for the targets
-DEFAULT_PEERS = ("mask_tokens", "hf_eager", "hf_sdpa", "hf_eager_gemm32", "hf_sdpa_gemm32")
+DEFAULT_PEERS = ("mask_tokens", "hf_eager", "hf_sdpa", "hf_eager_accel", "hf_sdpa_accel")
+# Engines that differ from their twin only in a bf16 path: nothing to time in fp32.
+BF16_ONLY = ("hf_eager_accel", "hf_sdpa_accel")
 
 
-def engines_for(names: list[str], precision: Precision, device: torch.device | str) -> list[EngineSpec]:
-    """The engines worth running here, in order, without duplicates.
+def engine_spec(name: str) -> EngineSpec:
+    """The spec of `name` or `base@key=value,...` (forced `accel.*` paths, e.g. `openmae@attention=eager`)."""
+    base, _, forced = name.partition("@")
+    if base not in ENGINES:
+        raise ValueError(
+            f"unknown engine {base!r}; choose from {sorted(ENGINES)} (optionally with @key=value)"
+        )
+    spec = ENGINES[base]
+    if not forced:
+        return spec
+    changes = dict(item.split("=", 1) for item in forced.split(",") if "=" in item)
+    unknown = sorted(set(changes) - set(AccelConfig.__dataclass_fields__))
+    if unknown or len(changes) != len(forced.split(",")):
+        raise ValueError(
+            f"engine {name!r}: force paths as @key=value with keys of accel: "
+            + ", ".join(AccelConfig.__dataclass_fields__)
+        )
+    accel = replace(spec.accel, **changes)
+    return replace(spec, name=name, accel=accel, about=f"{spec.about}, forced {forced}")
 
-    Where bf16 GEMMs need no help (fp32, a CPU with bf16 units, a GPU) the `*_gemm32` variants
-    and `openmae_autocast` equal their plain twins and are dropped. Where they do, so is
-    `openmae_compile`: inductor would call the slow bf16 kernels.
-    """
-    unknown = [n for n in names if n not in ENGINES]
-    if unknown:
-        raise ValueError(f"unknown engines {unknown}; choose from {sorted(ENGINES)}")
-    if needs_gemm_in_fp32(device, precision):
-        dropped = {"openmae_compile"}
-    else:
-        dropped = {"hf_eager_gemm32", "hf_sdpa_gemm32", "openmae_autocast"}
-    return [ENGINES[n] for n in dict.fromkeys(names) if n not in dropped]
+
+def engines_for(names: list[str], precision: str) -> list[EngineSpec]:
+    """The engines to run for a precision, in order, without duplicates (bf16-only ones dropped in fp32)."""
+    specs = [engine_spec(n) for n in dict.fromkeys(names)]
+    return [s for s in specs if not (precision == "fp32" and s.name in BF16_ONLY)]
 
 
 def build_model(spec: EngineSpec, config: MAEConfig, seed: int) -> nn.Module:
@@ -101,35 +115,56 @@ def build_model(spec: EngineSpec, config: MAEConfig, seed: int) -> nn.Module:
     if spec.library == "hf":
         from openmae.interop import export_hf
 
-        ViTMAEForPreTraining = require("transformers").ViTMAEForPreTraining
-
         hf_config, state = export_hf(reference)
-        model = ViTMAEForPreTraining(hf_config)
+        model = require("transformers").ViTMAEForPreTraining(hf_config)
         model.set_attn_implementation(spec.attn)
         model.load_state_dict(state, strict=True)
         return model
     if not spec.mask_tokens:
         return reference
     # The baseline shares every weight but the mask tokens (an encoder one replaces the decoder's).
-    model = MaskedAutoencoder(replace(config, encoder_mask_tokens=True))
+    model = build_mae(replace(config, encoder_mask_tokens=True))
     missing, unexpected = model.load_state_dict(reference.state_dict(), strict=False)
     if missing != ["encoder_mask_token"] or unexpected != ["mask_token"]:
         raise RuntimeError(f"mask-token baseline: unexpected key mismatch {missing}, {unexpected}")
     return model
 
 
-def build_optimizer(model: nn.Module, lr: float, fused: bool) -> torch.optim.Optimizer:
-    """The paper's AdamW (betas 0.9/0.95, weight decay 0.05), fused into one kernel per step or
-    as multi-tensor (foreach) updates. Frozen position embeddings are left out."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    kind = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.05, **kind)
+class HFPretrainTask(PretrainTask):
+    """`PretrainTask` for HF ViTMAE: the same per-sample noise, passed as HF names it."""
+
+    def __call__(self, model: nn.Module, batch: tuple, device: torch.device) -> torch.Tensor:
+        images, _, seeds = batch
+        noise = noise_from_seeds(seeds, self.grid_size[0] * self.grid_size[1], device)
+        return model(pixel_values=images.to(device, non_blocking=True), noise=noise).loss
 
 
-class TrainStep:
-    """One engine's full training step on a fixed batch: forward, backward, optimizer step.
+class FixedImages:
+    """A `TrainFeed` of one batch of random images, with new per-sample seeds (so new masks) each
+    step: the model's input without the data pipeline's cost."""
 
-    Call it to run a step; it returns the (detached) loss without synchronising the device.
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+        self.epoch_images = 2**62  # an endless epoch: the benchmark decides how many steps to run
+
+    def batches(self, epoch: int, start: int) -> Iterator[tuple]:
+        B = self.images.shape[0]
+        labels = torch.zeros(B, dtype=torch.long)
+        step = start // B
+        while True:
+            yield self.images, labels, torch.arange(step * B, (step + 1) * B), 0
+            step += 1
+
+    def close(self) -> None:
+        pass
+
+
+class BenchEngine:
+    """One engine's training loop on a fixed batch: call `step()` to run one optimizer step.
+
+    The step is `Trainer.optimizer_step`, the one every pretraining run takes: the loop's
+    precision, acceleration, non-finite guard and optimizer. It returns the (detached) loss without
+    synchronising the device.
     """
 
     def __init__(
@@ -138,40 +173,47 @@ class TrainStep:
         config: MAEConfig,
         batch_size: int,
         device: torch.device | str,
-        precision: Precision,
+        precision: str,
         seed: int = 0,
         fused_optimizer: bool = True,
     ) -> None:
-        self.spec, self.device, self.precision, self.seed = spec, torch.device(device), precision, seed
-        self.model = build_model(spec, config, seed).to(self.device).train()
-        self.forward_model = torch.compile(self.model) if spec.compile else self.model
-        self.optimizer = build_optimizer(self.model, lr=1.5e-4 * batch_size / 256, fused=fused_optimizer)
+        self.spec, self.device = spec, torch.device(device)
+        model = build_model(spec, config, seed).to(self.device).train()
+        cfg = TrainConfig(
+            batch_size=batch_size,
+            precision=precision,
+            seed=seed,
+            compile=spec.compile,
+            accel=spec.accel,
+            epochs=1,
+        )
+        optim = OptimConfig(fused=fused_optimizer, warmup_epochs=0)
+        lr, _ = optim.peak_lr(batch_size)
         generator = torch.Generator().manual_seed(seed)
         C, (H, W) = config.in_chans, config.img_size
-        self.images = torch.randn(batch_size, C, H, W, generator=generator).to(self.device)  # [B, C, H, W]
-        self.num_patches = (H // config.patch_size) * (W // config.patch_size)
-        self.steps_done = 0
+        images = torch.randn(batch_size, C, H, W, generator=generator)  # [B, C, H, W]
+        task_class = HFPretrainTask if spec.library == "hf" else PretrainTask
+        task = task_class(config.grid_size, config.mask_ratio)
+        self.trainer = Trainer(
+            model,
+            task,
+            FixedImages(images),
+            build_optimizer(model, optim, lr),
+            Schedule(lr, 0.0, 0.0),
+            cfg,
+            DistInfo(device=self.device),
+            RunLogger("unused", enabled=False),
+        )
+        self.batches = self.trainer.feed.batches(0, 0)
+        self.model = model
 
-    def noise(self, step: int) -> torch.Tensor:
-        """`[B, L]` masking noise of a step, the same for every engine of a run."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        return torch.rand(self.images.shape[0], self.num_patches, generator=generator).to(self.device)
+    def step(self) -> torch.Tensor:
+        loss, _, _ = self.trainer.optimizer_step(self.batches)
+        return loss
 
-    def loss(self, noise: torch.Tensor) -> torch.Tensor:
-        if self.spec.library == "hf":
-            return self.forward_model(pixel_values=self.images, noise=noise).loss
-        return self.forward_model(self.images, noise=noise).loss
-
-    def __call__(self) -> torch.Tensor:
-        noise = self.noise(self.steps_done)
-        with gemm_context(self.device, self.precision, self.spec.gemm_in_fp32):
-            with autocast(self.device, self.precision):
-                loss = self.loss(noise)
-            loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps_done += 1
-        return loss.detach()
+    def paths(self) -> dict[str, str]:
+        """The execution paths the engine's loop chose (its autotuner's choices)."""
+        return self.trainer.accel.state_dict()
 
 
 def step_flops(config: MAEConfig, mask_tokens: bool = False) -> int:
@@ -180,7 +222,7 @@ def step_flops(config: MAEConfig, mask_tokens: bool = False) -> int:
     Counted by torch's FlopCounterMode on the openmae model (HF's does the same products), with
     attention decomposed into matmuls so that it is counted too. The optimizer is not counted.
     """
-    model = MaskedAutoencoder(replace(config, encoder_mask_tokens=mask_tokens))
+    model = build_mae(replace(config, encoder_mask_tokens=mask_tokens))
     images = torch.randn(1, config.in_chans, *config.img_size)
     with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         model(images).loss.backward()
@@ -190,8 +232,9 @@ def step_flops(config: MAEConfig, mask_tokens: bool = False) -> int:
 def optimizer_step_seconds(config: MAEConfig, fused: bool, steps: int = 3) -> float:
     """Median seconds of one AdamW step over the parameters of `config`'s model (random gradients)."""
     model = MaskedAutoencoder(config)
-    optimizer = build_optimizer(model, lr=1e-4, fused=fused)
-    for p in optimizer.param_groups[0]["params"]:
+    optimizer = build_optimizer(model, OptimConfig(fused=fused), lr=1e-4)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()  # creates the moment buffers
     times = []

@@ -14,7 +14,9 @@ from importlib import metadata
 import torch
 
 from openmae import hardware
-from openmae.engine.precision import Bf16GemmInFp32, Precision, needs_gemm_in_fp32
+from openmae.accel import Autotuner
+from openmae.accel.gemm import Bf16Gemm
+from openmae.engine.precision import Precision
 
 _PACKAGES = ("openmae", "torch", "transformers", "timm", "torchvision", "numpy", "pillow")
 
@@ -73,9 +75,9 @@ def _best_flops(a: torch.Tensor, b: torch.Tensor, repeats: int, device: torch.de
 def matmul_peak(device: torch.device, precision: Precision, size: int = 2048, repeats: int = 3) -> dict:
     """Measured matrix-multiply FLOP/s for a precision: `{"peak": best, <way>: FLOP/s, ...}`.
 
-    fp32: square fp32 products. bf16: bf16 products by the kernel torch picks ("native") and, on a
-    CPU without bf16 units, also as fp32 GEMMs ("via_fp32", what `Bf16GemmInFp32` does); the
-    peak is the faster way. The slow native CPU kernel is timed on a smaller product.
+    fp32: square fp32 products. bf16: bf16 products by the kernel torch picks ("native") and, on the
+    CPU, also as fp32 GEMMs on bf16 values ("via_fp32", openmae's `accel.gemm=fp32`); the peak is
+    the faster way.
     """
     generator = torch.Generator().manual_seed(0)
 
@@ -83,15 +85,11 @@ def matmul_peak(device: torch.device, precision: Precision, size: int = 2048, re
         return torch.randn(n, n, generator=generator).to(device, dtype)
 
     if precision == "fp32":
-        found = {
-            "fp32": _best_flops(square(size, torch.float32), square(size, torch.float32), repeats, device)
-        }
-    else:
-        slow_cpu = needs_gemm_in_fp32(device, "bf16")
-        n = min(512, size) if slow_cpu else size
-        found = {"native": _best_flops(square(n, torch.bfloat16), square(n, torch.bfloat16), 1, device)}
-        if slow_cpu:
-            with Bf16GemmInFp32():
-                a, b = square(size, torch.bfloat16), square(size, torch.bfloat16)
-                found["via_fp32"] = _best_flops(a, b, repeats, device)
+        a, b = square(size, torch.float32), square(size, torch.float32)
+        return {"peak": _best_flops(a, b, repeats, device), "fp32": _best_flops(a, b, repeats, device)}
+    a, b = square(size, torch.bfloat16), square(size, torch.bfloat16)
+    found = {"native": _best_flops(a, b, repeats, device)}
+    if device.type == "cpu":
+        with Bf16Gemm(Autotuner(), path="fp32"):
+            found["via_fp32"] = _best_flops(a, b, repeats, device)
     return {"peak": max(found.values()), **found}

@@ -64,9 +64,6 @@ class BenchOptions:
     profile: bool = True
     profile_peers: bool = False
     in_process: bool = False
-    data: bool = True
-    data_dir: str | None = None
-    data_items: int = 128
     peak_size: int = 2048
     command: str = ""
 
@@ -92,13 +89,6 @@ def run_benchmark(options: BenchOptions) -> list[dict]:
         records.append(_optimizer_record(config))
         for precision in options.precisions:
             records += run_group(options, config, precision, flops)
-    if options.data:
-        from openmae.bench.data import data_benchmark
-        from openmae.data import default_num_workers
-
-        log("data pipeline")
-        found = data_benchmark(options.data_dir, workers=default_num_workers(), items=options.data_items)
-        records.append({"kind": "data", **found})
     log("matmul peaks again (a busy machine may have lowered the first measurement)")
     peaks.append({p: matmul_peak(device, p, options.peak_size) for p in options.precisions})
     machine["matmul_peak"] = {p: _best_of(peak[p] for peak in peaks) for p in options.precisions}
@@ -113,9 +103,8 @@ def run_benchmark(options: BenchOptions) -> list[dict]:
 
 def run_group(options: BenchOptions, config: BenchConfig, precision: str, flops: dict) -> list[dict]:
     """All engines of one configuration and precision, their repeats interleaved."""
-    device = torch.device(options.device)
     names = ["openmae", *options.peers] + (["openmae_compile"] if options.compile else [])
-    specs = engines_for(names, precision, device)
+    specs = engines_for(names, precision)
     rows = {s.name: _new_row(config, precision, s, flops[s.mask_tokens]) for s in specs}
     workers: dict[str, ProcessWorker | LocalWorker] = {}
     try:
@@ -130,7 +119,7 @@ def run_group(options: BenchOptions, config: BenchConfig, precision: str, flops:
         for name, row in rows.items():
             if row["error"] is None:
                 with engine_failures(row):
-                    row.update(_memory(workers[name]))
+                    row.update(_memory(workers[name]), paths=workers[name].call("paths"))
             if row["error"] is None and options.profile and (name == "openmae" or options.profile_peers):
                 log(f"{config.label} {precision}: profiling {name}")
                 profiles += _profile(workers[name], row)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from openmae.bench.engines import EngineSpec, TrainStep
+from openmae.bench.engines import BenchEngine, EngineSpec
 from openmae.bench.profiling import profile_step
 from openmae.engine.precision import Precision
 from openmae.models import MAEConfig
@@ -50,10 +50,10 @@ def synchronize(device: torch.device) -> None:
 
 
 class EngineServer:
-    """Holds one engine's `TrainStep` and answers requests: build, run, memory, profile."""
+    """Holds one `BenchEngine` and answers requests: build, run, memory, profile, paths."""
 
     def __init__(self) -> None:
-        self.step: TrainStep | None = None
+        self.engine: BenchEngine | None = None
         self.idle_rss = peak_rss_bytes()
 
     def handle(self, command: str, kwargs: dict[str, Any]) -> Any:
@@ -73,35 +73,38 @@ class EngineServer:
         device = torch.device(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        self.step = TrainStep(spec, config, batch_size, device, precision, seed, fused_optimizer)
+        self.engine = BenchEngine(spec, config, batch_size, device, precision, seed, fused_optimizer)
         start = time.perf_counter()
-        loss = float(self.step())
+        loss = float(self.engine.step())
         return {"first_loss": loss, "first_step_s": time.perf_counter() - start}
 
     def do_run(self, steps: int) -> float:
         """Seconds for `steps` training steps, the device synchronised at the end."""
-        step = self._built()
+        engine = self._built()
         start = time.perf_counter()
         for _ in range(steps):
-            step()
-        synchronize(step.device)
+            engine.step()
+        synchronize(engine.device)
         return time.perf_counter() - start
 
     def do_memory(self) -> dict:
         """Peak memory: RSS of this process on CPU (and before building), max allocated on GPU."""
-        step = self._built()
-        if step.device.type == "cuda":
-            return {"kind": "max allocated", "peak_bytes": torch.cuda.max_memory_allocated(step.device)}
+        engine = self._built()
+        if engine.device.type == "cuda":
+            return {"kind": "max allocated", "peak_bytes": torch.cuda.max_memory_allocated(engine.device)}
         return {"kind": "peak RSS", "peak_bytes": peak_rss_bytes(), "idle_bytes": self.idle_rss}
 
     def do_profile(self, steps: int) -> dict:
-        step = self._built()
-        return profile_step(step, step.device, steps)
+        engine = self._built()
+        return profile_step(engine.step, engine.device, steps)
 
-    def _built(self) -> TrainStep:
-        if self.step is None:
+    def do_paths(self) -> dict[str, str]:
+        return self._built().paths()
+
+    def _built(self) -> BenchEngine:
+        if self.engine is None:
             raise RuntimeError("build the engine first")
-        return self.step
+        return self.engine
 
 
 def serve(conn, threads: int) -> None:
@@ -168,4 +171,4 @@ class LocalWorker:
             raise EngineError(traceback.format_exc()) from error
 
     def close(self) -> None:
-        self.server.step = None
+        self.server.engine = None

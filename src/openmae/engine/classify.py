@@ -1,59 +1,17 @@
-"""Classification on top of an encoder: the task, the linear-probe model, LARS and freezing.
+"""Classification on top of an encoder: mixup and losses, LARS, and freezing all but the last blocks.
 
-Linear probing and fine-tuning share all of this and the training loop; they differ in which
-parameters train, the head, the optimizer and the augmentation (see `openmae.recipes.classify`).
+Linear probing and fine-tuning share these, the training loop and `engine.tasks.ClassifyTask`; they
+differ in which parameters train, the head, the optimizer and the augmentation (see the recipes).
 """
 
 from __future__ import annotations
 
-import contextlib
-import random
-from collections.abc import Iterator
-
-import numpy as np
-import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import Lars
 from torch import nn
 
-from openmae.interop.reference import LINPROBE_BN_EPS, fold_linprobe_head
-from openmae.models.vit import VisionTransformer, ViTConfig
-
-
-class ClassifyTask:
-    """The batch loss of a classifier: optional mixup / cutmix, then the criterion.
-
-    Mixup draws from NumPy's and Python's global RNGs; they are seeded from the batch's first
-    sample seed (and restored after), so a resumed run mixes its batches exactly as before.
-    """
-
-    def __init__(self, criterion: nn.Module, mixup: Mixup | None = None) -> None:
-        self.criterion = criterion
-        self.mixup = mixup
-
-    def __call__(self, model: nn.Module, batch: tuple, device: torch.device) -> tuple[torch.Tensor, dict]:
-        inputs, labels, seeds = batch
-        inputs, targets = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if self.mixup is not None:
-            if len(inputs) % 2:  # timm mixes a batch with its reverse: it needs an even size
-                inputs, targets, seeds = inputs[:-1], targets[:-1], seeds[:-1]
-            with numpy_and_python_seeded(int(seeds[0])):
-                inputs, targets = self.mixup(inputs, targets)  # targets: [B, classes], rows sum to 1
-        return self.criterion(model(inputs), targets), {}
-
-
-@contextlib.contextmanager
-def numpy_and_python_seeded(seed: int) -> Iterator[None]:
-    """Seed NumPy's and Python's global RNGs for a block, then put their states back."""
-    np_state, py_state = np.random.get_state(), random.getstate()
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    try:
-        yield
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+from openmae.models.vit import VisionTransformer
 
 
 def build_mixup(mixup: float, cutmix: float, smoothing: float, num_classes: int) -> Mixup | None:
@@ -73,40 +31,7 @@ def build_criterion(mixup: Mixup | None, smoothing: float) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------
-# Linear probing
-
-
-class LinearProbe(VisionTransformer):
-    """A frozen ViT with the MAE probe head: BatchNorm without affine (eps 1e-6), then a linear layer.
-
-    The head keeps the reference code's layout (`head.0` BatchNorm, `head.1` linear), whose
-    checkpoints `load_checkpoint` folds into one linear head; `to_classifier` does the same fold.
-    Only the head trains. `forward` takes images `[B, C, H, W]`, or pooled features `[B, D]`
-    extracted beforehand (linear probing without augmentation trains on cached features).
-    """
-
-    def __init__(self, config: ViTConfig) -> None:
-        if config.num_classes <= 0:
-            raise ValueError("a linear probe needs num_classes > 0")
-        super().__init__(config)
-        linear = nn.Linear(config.embed_dim, config.num_classes)
-        nn.init.trunc_normal_(linear.weight, std=0.01)
-        nn.init.zeros_(linear.bias)
-        self.head = nn.Sequential(nn.BatchNorm1d(config.embed_dim, affine=False, eps=LINPROBE_BN_EPS), linear)
-        for name, param in self.named_parameters():
-            param.requires_grad = name.startswith("head.")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Images `[B, C, H, W]` or pooled features `[B, D]` -> logits `[B, num_classes]`."""
-        if x.ndim == 2:
-            return self.head(x)
-        return super().forward(x)
-
-    def to_classifier(self) -> VisionTransformer:
-        """A plain `VisionTransformer` giving the same logits in eval mode (BatchNorm folded in)."""
-        classifier = VisionTransformer(self.config).to(self.cls_token.device)
-        classifier.load_state_dict(fold_linprobe_head(self.state_dict()))
-        return classifier.eval()
+# Linear probing (the probe model is `openmae.models.probe.LinearProbe`)
 
 
 def build_lars(model: nn.Module, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> Lars:

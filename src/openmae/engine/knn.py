@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 
 from openmae.distributed import all_gather_cat, all_reduce_sum
 from openmae.engine.evaluate import topk_hits
-from openmae.engine.features import Pool, extract_features
-from openmae.models.vit import VisionTransformer
+from openmae.engine.features import extract_features
+from openmae.models.vit import GlobalPool, VisionTransformer
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def knn_accuracy(
     num_classes: int,
     k: int = 20,
     temperature: float = 0.07,
-    pool: Pool = "token",
+    pool: GlobalPool | None = "token",
 ) -> dict[str, float]:
     """k-NN top-1 / top-5 (percent) of `query_loader`'s images against a bank of `bank_loader`'s features.
 

@@ -1,10 +1,17 @@
 """The one training loop: pretraining, linear probing and fine-tuning all run through `Trainer`.
 
 What differs between them is the `task` (a callable that turns a batch into a loss), the model, the
-optimizer and the hooks; the loop owns everything else: resumable data order, gradient
-accumulation, mixed precision, clipping, non-finite guards, the lr schedule, logging, checkpoints,
-and scale-out: DDP (`no_sync` on non-final micro-steps) or FSDP2 (`fsdp=true`) under torchrun, and a
-clean stop with a checkpoint on SIGTERM. See docs/distributed.md.
+optimizer and the hooks (evaluations at epoch ends); the loop owns everything else, in four phases:
+
+- `fit`: epochs until the planned images are seen (or `max_steps`, or a stop signal);
+- `train_epoch`: this rank's micro-batches of one epoch, with a log line every `log_every` steps;
+- `optimizer_step`: `accum_iter` forward/backward passes in the run's precision, then one update;
+- `save` / `resume`: checkpoints that continue a run exactly (`engine.checkpointing`).
+
+Scale-out is PyTorch's own: DDP (`no_sync` on non-final micro-steps) or FSDP2 (`fsdp=true`) under
+torchrun. The host never waits for the device inside a step: non-finite losses are flagged on the
+device (a fused AdamW skips the update there) and read at log intervals, and stop requests (SIGTERM,
+Ctrl-C) are polled every few steps. See docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -12,40 +19,35 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from openmae.accel import AccelConfig, Acceleration
 from openmae.distributed import (
     DistInfo,
     GracefulStop,
     all_reduce_sum,
-    ignore_sigterm,
     is_peer_failure,
     peer_failure,
     shard_model,
     use_global_batch_norm,
 )
-from openmae.engine.checkpoint import (
-    full_model_state,
-    full_optimizer_state,
-    load_optimizer_state,
-    load_run_checkpoint,
-    save_run_checkpoint,
-)
+from openmae.engine.budget import TimeBudget
+from openmae.engine.checkpointing import RunCheckpointer
+from openmae.engine.feed import MapFeed, TrainFeed
 from openmae.engine.optim import set_lr
-from openmae.engine.precision import Precision, autocast, check_precision, gemm_context
-from openmae.engine.sampler import SeededDataset, SeededSampler, collate_seeded
-from openmae.engine.schedule import warmup_cosine_lr
-from openmae.interop import save_checkpoint
+from openmae.engine.precision import Precision, autocast, check_precision
+from openmae.engine.schedule import fitted_warmup, warmup_cosine_lr
 from openmae.logging import RunLogger
+
+# Under torchrun, ranks agree on a stop request (one all-reduce) every this many steps.
+STOP_POLL_STEPS = 10
 
 
 @dataclass
@@ -66,9 +68,15 @@ class TrainConfig:
     log_every: int = field(default=20, metadata={"help": "optimizer steps between log lines"})
     save_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
     keep_last: int = field(default=2, metadata={"help": "checkpoints kept in the output folder"})
-    max_nonfinite: int = field(default=5, metadata={"help": "non-finite losses in a row that stop the run"})
+    max_nonfinite: int = field(
+        default=5, metadata={"help": "non-finite losses in a row that stop the run (checked at log steps)"}
+    )
     output_dir: str = field(default="runs/run", metadata={"help": "folder for checkpoints, logs and config"})
     resume: str | None = field(default=None, metadata={"help": "checkpoint path, or 'auto' for the newest"})
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "start afresh in an output_dir that holds a run (its files are removed)"},
+    )
     time_budget_min: float | None = field(
         default=None,
         metadata={"help": "fit the run into this many minutes: after a short calibration the schedule is "
@@ -81,16 +89,30 @@ class TrainConfig:
     activation_checkpointing: bool = field(
         default=False, metadata={"help": "recompute each block in the backward pass (less memory)"}
     )
+    accel: AccelConfig = field(default_factory=AccelConfig)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.accum_iter < 1:
             raise ValueError("epochs, batch_size and accum_iter must be at least 1")
+        if self.log_every < 1 or self.save_every < 1 or self.max_nonfinite < 1:
+            raise ValueError("log_every, save_every and max_nonfinite must be at least 1")
 
 
 class Task(Protocol):
-    """Turns a batch `(images, labels, seeds)` into a scalar loss and extra metrics (tensors)."""
+    """Turns a batch `(images, labels, seeds)` into a scalar loss."""
 
-    def __call__(self, model: nn.Module, batch: tuple, device: torch.device) -> tuple[torch.Tensor, dict]: ...
+    def __call__(self, model: nn.Module, batch: tuple, device: torch.device) -> torch.Tensor: ...
+
+
+class Hook:
+    """Work at fixed points of a run (evaluations, pictures); the trainer is passed in."""
+
+    def after_epoch(self, trainer: Trainer, epoch: int) -> dict:
+        """Called on every rank after epoch `epoch` (0-based); returns metrics to log."""
+        return {}
+
+    def after_fit(self, trainer: Trainer) -> None:
+        """Called on every rank when training ends (finished or stopped)."""
 
 
 @dataclass
@@ -116,6 +138,10 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+class UnreadableDataError(ValueError):
+    """An epoch in which no image, or most images, could be read."""
+
+
 def format_duration(seconds: float) -> str:
     """`3725` -> `1:02:05`."""
     minutes, secs = divmod(int(seconds), 60)
@@ -124,28 +150,28 @@ def format_duration(seconds: float) -> str:
 
 
 class Trainer:
-    """Runs `task` over `dataset` for `cfg.epochs`, stepping `optimizer` on `model`.
+    """Runs `task` over `data` for `cfg.epochs`, stepping `optimizer` on `model`.
 
     Args:
         model: the single-device model, on its device (wrapped in DDP here when the run is distributed,
             or sharded in place with `cfg.fsdp`).
         task: the loss of a batch.
-        dataset: items `(image, label)` or None (unreadable); wrapped for a replayable order.
+        data: a map-style dataset of `(image, label)` items (None: unreadable), or a `TrainFeed`.
         optimizer: built over `model`'s parameters, not stepped yet.
         schedule: peak/min lr, warm-up and clipping.
         cfg: the loop's part of the run config.
         dist: rank, world size and device.
         logger: metrics sink (rank 0 writes).
-        num_workers: data-loading processes.
+        num_workers: data-loading processes (map-style data).
         metadata: strings stored with every checkpoint's weights (config, target...).
-        on_epoch_end: called with the epoch index; returns extra metrics to log (evaluation...).
+        hooks: called after each epoch and at the end, in order.
     """
 
     def __init__(
         self,
         model: nn.Module,
         task: Task,
-        dataset: Dataset,
+        data: Dataset | TrainFeed,
         optimizer: torch.optim.Optimizer,
         schedule: Schedule,
         cfg: TrainConfig,
@@ -153,7 +179,7 @@ class Trainer:
         logger: RunLogger,
         num_workers: int = 0,
         metadata: dict[str, str] | None = None,
-        on_epoch_end: Callable[[int], dict] | None = None,
+        hooks: list[Hook] | None = None,
     ) -> None:
         self.cfg = cfg
         self.dist = dist
@@ -162,42 +188,45 @@ class Trainer:
         self.optimizer = optimizer
         self.schedule = schedule
         self.logger = logger
-        self.metadata = metadata or {}
-        self.on_epoch_end = on_epoch_end
+        self.hooks = list(hooks or [])
         self.model = model  # without the DDP / compile wrappers: checkpoints, evaluation
+        self.global_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
+        self.feed = data if hasattr(data, "batches") else self._map_feed(data, num_workers)
+        if self.feed.epoch_images == 0:
+            raise ValueError(
+                f"the training data is smaller than one global batch ({self.global_batch} images)"
+            )
+        check_precision(cfg.precision, self.device)
+        self.accel = Acceleration(cfg.accel, self.device, cfg.precision)
         # FSDP needs a process group; in a single process `fsdp` changes nothing.
         self.sharded = cfg.fsdp and dist.enabled
         self.train_model = self._wrap(model)
-        self.global_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
-        self.sampler = SeededSampler(
-            len(dataset), self.global_batch, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size
-        )
-        if self.sampler.epoch_length == 0:
-            raise ValueError(
-                f"the dataset ({len(dataset)} images) is smaller than one global batch ({self.global_batch})"
-            )
-        self.loader = DataLoader(
-            SeededDataset(dataset),
-            batch_size=cfg.batch_size,
-            sampler=self.sampler,
-            num_workers=num_workers,
-            collate_fn=collate_seeded,
-            pin_memory=self.device.type == "cuda",
-            persistent_workers=num_workers > 0,
-            worker_init_fn=ignore_sigterm,
-        )
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        # A fused Adam(W) skips a step with a non-finite loss on the device; others need the host.
+        device_skip = getattr(optimizer, "_step_supports_amp_scaling", False)
+        self.skips_on_device = device_skip and not self.scaler.is_enabled()
         self.progress = Progress()
-        self.nonfinite_in_a_row = 0
+        self.nonfinite_in_a_row = torch.zeros((), device=self.device)
+        self.nonfinite_since_log = torch.zeros((), device=self.device)
         self.stop = GracefulStop()
-        self.stop_agreed = False  # some rank got SIGTERM: all stop after this step
-        self.saved_step: int | None = None
-        self.saved_path: Path | None = None
+        self.stop_agreed = False  # some rank got a stop signal: all stop after this step
+        self.checkpointer = RunCheckpointer(cfg.output_dir, cfg.keep_last, metadata or {}, dist)
+        self.budget: TimeBudget | None = None
+        self.warned_warmup = False
 
-    # ----------------------------------------------------------------------------------------
+    def _map_feed(self, dataset: Dataset, num_workers: int) -> MapFeed:
+        return MapFeed(
+            dataset,
+            self.cfg.batch_size,
+            self.global_batch,
+            seed=self.cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _wrap(self, model: nn.Module) -> nn.Module:
-        check_precision(self.cfg.precision, self.device)
         if self.cfg.activation_checkpointing:
             model.set_grad_checkpointing(True)
         if self.dist.enabled:
@@ -208,120 +237,97 @@ class Trainer:
                 raise ValueError("fsdp runs in fp32 or bf16 (the fp16 grad scaler does not see shards)")
             shard_model(model, self.optimizer, self.device)  # in place: self.model is sharded too
         if self.cfg.compile:
-            model = torch.compile(model)
-        if self.dist.enabled and not self.sharded:
-            device_ids = [self.device] if self.device.type == "cuda" else None
-            # Gradients as views into the all-reduce buckets: one copy of them instead of two.
-            model = DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
-        return model
+            self.accel.gemm = None  # inductor compiles the step; dispatch modes do not mix with it
+            return self._ddp(torch.compile(model))
+        self.accel.install(model)
+        return self._ddp(model)
+
+    def _ddp(self, model: nn.Module) -> nn.Module:
+        if not self.dist.enabled or self.sharded:
+            return model
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        # Gradients as views into the all-reduce buckets: one copy of them instead of two.
+        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+
+    def say(self, line: str) -> None:
+        """A line on the console, from rank 0 alone (it keeps progress bars intact)."""
+        if self.dist.is_main:
+            tqdm.write(line)
+
+    # ----------------------------------------------------------------------------------------
+    # Plan and schedule
 
     @property
     def epoch_images(self) -> int:
-        return self.sampler.epoch_length
+        return self.feed.epoch_images
 
     @property
     def total_images(self) -> int:
         return self.progress.planned_images or self.cfg.epochs * self.epoch_images
 
-    def plan_time_budget(self) -> None:
-        """Fit the schedule into `time_budget_min`: plan after 10 steps, then re-plan after 20, 40, 80...
-
-        Each plan measures the rate since the run started, so a machine that slows down (or speeds
-        up) part-way is followed; the plan stays inside `epochs`. Steps, not clocks, decide when to
-        plan, so every rank plans at the same step. A resumed run keeps the plan it was saved with.
-        """
-        p, budget = self.progress, self.cfg.time_budget_min
-        if self.next_plan_step is None or p.step < self.next_plan_step:
-            return
-        steps_run = p.step - self.first_step
-        self.next_plan_step = self.first_step + 2 * steps_run
-        elapsed = time.perf_counter() - self.run_started
-        rate = torch.tensor(steps_run * self.global_batch / elapsed)
-        rate = float(all_reduce_sum(rate)) / self.dist.world_size  # the same plan on every rank
-        fit = p.images_seen + rate * max(budget * 60 - elapsed, 0)
-        steps = max(int(min(fit, self.cfg.epochs * self.epoch_images)) // self.global_batch, 1)
-        planned = max(steps * self.global_batch, p.images_seen)
-        previous, p.planned_images = p.planned_images, planned
-        if self.dist.is_main and abs(planned - previous) > 0.02 * planned:
-            tqdm.write(
-                f"time budget {budget:g} min at {rate:.0f} images/s: training for {planned} images "
-                f"({planned / self.epoch_images:.2f} epochs)"
-            )
+    @property
+    def finished(self) -> bool:
+        """All planned images seen (epochs done, or the time budget used)."""
+        return self.progress.images_seen >= self.total_images
 
     def lr_now(self) -> float:
         s = self.schedule
-        return warmup_cosine_lr(
-            self.progress.images_seen,
-            self.total_images,
-            s.warmup_epochs * self.epoch_images,
-            s.peak_lr,
-            s.min_lr,
-        )
+        asked = s.warmup_epochs * self.epoch_images
+        warmup = fitted_warmup(asked, self.total_images)
+        if warmup != asked and not self.warned_warmup:
+            self.warned_warmup = True
+            self.say(
+                f"warning: warmup_epochs {s.warmup_epochs:g} is {asked / self.total_images:.0%} of this "
+                f"{self.total_images / self.epoch_images:.3g}-epoch run: warming up for "
+                f"{warmup / self.epoch_images:.3g} epochs (5% of the run, the paper's share) instead"
+            )
+        return warmup_cosine_lr(self.progress.images_seen, self.total_images, warmup, s.peak_lr, s.min_lr)
 
     # ----------------------------------------------------------------------------------------
+    # Save and resume
 
-    def resume(self, weights: str | Path) -> None:
+    def resume(self, weights) -> None:
         """Continue from a checkpoint written by `save` (any world size, with or without FSDP)."""
-        state = load_run_checkpoint(weights, self.model)
-        load_optimizer_state(self.model, self.optimizer, state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        state = self.checkpointer.load(weights, self.model, self.optimizer, self.scaler)
         self.progress = Progress(**state["progress"])
+        self.accel.load_state_dict(state.get("accel", {}))
         if self.progress.images_in_epoch % self.global_batch:
             raise ValueError(
                 f"cannot resume mid-epoch at image {self.progress.images_in_epoch} with a global batch of "
                 f"{self.global_batch}; resume with a batch that divides it, or from an epoch-end checkpoint"
             )
 
-    def save(self) -> Path | None:
+    def save(self):
         """Checkpoint the current progress. Every rank calls (FSDP gathers the shards); rank 0 writes."""
-        if self.saved_step == self.progress.step:  # e.g. a stop right after an epoch-end checkpoint
-            return self.saved_path
-        model_state = full_model_state(self.model)
-        optimizer_state = full_optimizer_state(self.model, self.optimizer)
-        path = None
-        if self.dist.is_main:
-            state = {
-                "optimizer": optimizer_state,
-                "scaler": self.scaler.state_dict(),
-                "progress": vars(self.progress).copy(),
-            }
-            path = save_run_checkpoint(
-                self.cfg.output_dir,
-                self.progress.step,
-                self.model,
-                state,
-                self.metadata,
-                self.cfg.keep_last,
-                model_state=model_state,
-            )
-        self.saved_step, self.saved_path = self.progress.step, path
-        return path
+        extra = {"progress": vars(self.progress).copy(), "accel": self.accel.state_dict()}
+        return self.checkpointer.save(self.progress.step, self.model, self.optimizer, self.scaler, extra)
 
-    def save_weights(self, path: str | Path) -> Path | None:
-        """Write the model's weights alone (openmae safetensors, with the run's metadata).
+    def save_weights(self, path):
+        """Write the model's weights alone (every rank calls; rank 0 writes and returns the path)."""
+        return self.checkpointer.save_weights(path, self.model)
 
-        Every rank calls (FSDP gathers the shards); rank 0 writes and returns the path, others None.
-        """
-        model_state = full_model_state(self.model)
-        if not self.dist.is_main:
-            return None
-        return save_checkpoint(self.model, path, metadata=self.metadata, state_dict=model_state)
+    # ----------------------------------------------------------------------------------------
+    # The run
 
     def fit(self) -> Progress:
-        """Train until `epochs` (or `max_steps`) is reached; checkpoint on the way and at a stop.
+        """Train until the planned images are seen (or `max_steps`); checkpoint on the way and at a stop.
 
-        SIGTERM (see `GracefulStop`) ends the run after the current step, on every rank at the same
-        step, with a checkpoint to resume from.
+        SIGTERM or Ctrl-C (see `GracefulStop`) ends the run after the current step, on every rank at
+        the same step, with a checkpoint to resume from.
         """
-        self.run_started, self.first_step = time.perf_counter(), self.progress.step
-        calibration_steps = 10
-        planning = self.cfg.time_budget_min and not self.progress.planned_images
-        self.next_plan_step = self.first_step + calibration_steps if planning else None
+        if self.cfg.time_budget_min and not self.progress.planned_images:
+            self.budget = TimeBudget(
+                self.cfg.time_budget_min,
+                self.cfg.epochs * self.epoch_images,
+                self.global_batch,
+                self.dist.world_size,
+                log=self.say,
+            )
+            self.budget.start(self.progress.step)
         try:
             with self.stop:
                 while self.progress.epoch < self.cfg.epochs and not self.finished:
-                    stopped = self.train_epoch()
-                    if stopped:
+                    if self.train_epoch():
                         self.save()
                         break
         except RuntimeError as error:
@@ -329,31 +335,20 @@ class Trainer:
                 raise peer_failure(self.dist.rank, error) from error
             raise
         finally:
-            self.stop_loader_workers()
-        if self.stop_agreed and not self.finished and self.dist.is_main:
-            print(
-                f"stopped by {self.stop.received.name if self.stop.received else 'a signal to another rank'} "
-                f"at step {self.progress.step}; checkpoint: {self.saved_path}; run the same command with "
-                "resume=auto to continue",
-                flush=True,
+            self.feed.close()
+        if self.stopped_by_signal:
+            signal_name = self.stop.received.name if self.stop.received else "a signal to another rank"
+            self.say(
+                f"stopped by {signal_name} at step {self.progress.step}; checkpoint: "
+                f"{self.checkpointer.saved_path}; run the same command with resume=auto to continue"
             )
+        for hook in self.hooks:
+            hook.after_fit(self)
         return self.progress
 
     @property
-    def finished(self) -> bool:
-        """All planned images seen (epochs done, or the time budget used)."""
-        return self.progress.images_seen >= self.total_images
-
-    def stop_loader_workers(self) -> None:
-        """End the data-loading workers now, on success or error.
-
-        They ignore SIGTERM (see `ignore_sigterm`), so the terminate that Python sends its
-        children at exit would not end them, and the exit would wait for them forever.
-        """
-        iterator = getattr(self.loader, "_iterator", None)  # where DataLoader keeps persistent workers
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
-        self.loader._iterator = None
+    def stopped_by_signal(self) -> bool:
+        return self.stop_agreed and not self.finished
 
     def reached_max_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps
@@ -361,83 +356,52 @@ class Trainer:
     def train_epoch(self) -> bool:
         """One epoch (or its remainder after a resume). Returns True when the run must stop early."""
         p, cfg = self.progress, self.cfg
-        self.sampler.set_epoch(p.epoch, start=p.images_in_epoch)
         self.train_model.train()
         images_left = min(self.epoch_images - p.images_in_epoch, self.total_images - p.images_seen)
-        steps_left = images_left // self.global_batch
         bar = tqdm(
-            total=steps_left,
+            total=images_left // self.global_batch,
             desc=f"epoch {p.epoch + 1}/{cfg.epochs}",
             disable=not self.dist.is_main,
             dynamic_ncols=True,
             leave=False,
         )
-        loss_sum = torch.zeros((), device=self.device)
-        interval_loss = torch.zeros((), device=self.device)
-        skipped, steps_done, interval_steps = 0, 0, 0
-        epoch_start = interval_start = time.perf_counter()
-        micro_batches = iter(self.loader)
-        for _ in range(steps_left):
-            if p.images_seen >= self.total_images:  # a time budget shortened the run
-                break
-            if self.reached_max_steps() or self.stop_agreed:
+        epoch = EpochTotals(self.device, self.dist.world_size)
+        interval = EpochTotals(self.device, self.dist.world_size)
+        interval_start = time.perf_counter()
+        micro_batches = self.feed.batches(p.epoch, p.images_in_epoch)
+        while p.images_in_epoch < self.epoch_images and not self.finished:
+            if self.reached_max_steps() or self.stop_requested():
                 bar.close()
                 return True
-            loss, step_skipped = self.optimizer_step(micro_batches)
-            self.plan_time_budget()
-            skipped += step_skipped
-            steps_done += 1
-            interval_steps += 1
-            if loss is not None:
-                loss_sum += loss
-                interval_loss += loss
-            bar.update(1)
-            if p.step % cfg.log_every == 0:
-                elapsed = time.perf_counter() - interval_start
-                # The loss of the global batch: every rank reaches this line at the same step.
-                interval_loss = all_reduce_sum(interval_loss) / self.dist.world_size
-                metrics = {
-                    "epoch": p.epoch + p.images_in_epoch / self.epoch_images,
-                    "loss": float(interval_loss) / interval_steps,
-                    "lr": self.lr,
-                    "images_per_s": interval_steps * self.global_batch / max(elapsed, 1e-9),
-                }
-                run_left_s = (self.total_images - p.images_seen) / max(metrics["images_per_s"], 1e-9)
-                bar.set_postfix(
-                    loss=f"{metrics['loss']:.4f}",
-                    lr=f"{metrics['lr']:.2e}",
-                    img_s=f"{metrics['images_per_s']:.0f}",
-                    run_left=format_duration(run_left_s),
+            loss, finite, skipped = self.optimizer_step(micro_batches)
+            epoch.add(loss, finite, skipped, self.global_batch)
+            interval.add(loss, finite, skipped, self.global_batch)
+            if self.budget is not None:
+                p.planned_images = self.budget.plan(
+                    p.step, p.images_seen, p.planned_images, self.epoch_images
                 )
-                self.logger.log(metrics, p.step)
-                interval_loss.zero_()
-                interval_steps, interval_start = 0, time.perf_counter()
+            bar.update(1)
+            for line in self.accel.report():  # what the first steps measured, once
+                self.say(line)
+            if p.step % cfg.log_every == 0:
+                self.log_interval(interval, time.perf_counter() - interval_start, bar)
+                interval, interval_start = EpochTotals(self.device, self.dist.world_size), time.perf_counter()
         bar.close()
-        totals = all_reduce_sum(torch.tensor([float(loss_sum), float(skipped)], device=self.device))
-        epoch_metrics = {
-            "epoch": p.epoch + 1,
-            "train_loss": float(totals[0]) / self.dist.world_size / max(steps_done, 1),
-            "skipped_images": int(totals[1]),
-            "epoch_time_s": round(time.perf_counter() - epoch_start, 2),
-        }
-        p.epoch += 1
-        p.images_in_epoch = 0
-        if self.on_epoch_end is not None:
-            epoch_metrics.update(self.on_epoch_end(p.epoch - 1))
-        self.logger.log(epoch_metrics, p.step, prefix="epoch")
-        if self.dist.is_main:
-            summary = ", ".join(
-                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in epoch_metrics.items()
-            )
-            tqdm.write(summary)
-            if skipped := epoch_metrics["skipped_images"]:
-                warnings.warn(f"{skipped} unreadable image(s) were skipped in epoch {p.epoch}", stacklevel=2)
-        if p.epoch % cfg.save_every == 0 or p.epoch == cfg.epochs or self.finished:
-            self.save()
+        self.end_epoch(epoch)
         return False
 
-    def optimizer_step(self, micro_batches) -> tuple[torch.Tensor | None, int]:
-        """Accumulate `accum_iter` micro-batches and step. Returns (mean loss or None if skipped, skips)."""
+    def stop_requested(self) -> bool:
+        """Whether some rank got a stop signal; ranks agree every `STOP_POLL_STEPS` steps."""
+        if not self.dist.enabled:
+            self.stop_agreed = self.stop.requested
+        elif self.progress.step % STOP_POLL_STEPS == 0:
+            flag = torch.tensor(float(self.stop.requested), device=self.device)
+            self.stop_agreed = bool(all_reduce_sum(flag) > 0)
+        return self.stop_agreed
+
+    def optimizer_step(self, micro_batches) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Accumulate `accum_iter` micro-batches and step. Returns (mean loss, finite flag, skipped images),
+        the first two on the device: nothing here waits for it."""
         p, cfg = self.progress, self.cfg
         self.lr = self.lr_now()
         set_lr(self.optimizer, self.lr)
@@ -448,51 +412,147 @@ class Trainer:
             skipped += micro_skipped
             if images.numel() == 0:
                 continue
-            last = micro == cfg.accum_iter - 1
-            # DDP all-reduces only on the last micro-step. FSDP reduce-scatters on every one: skipping
-            # it would keep whole (unsharded) gradients, the memory FSDP is there to save.
-            ddp = self.dist.enabled and not self.sharded
-            sync = self.train_model.no_sync() if ddp and not last else contextlib.nullcontext()
-            with sync, gemm_context(self.device, cfg.precision):
-                with autocast(self.device, cfg.precision):
-                    loss, _ = self.task(self.train_model, (images, labels, seeds), self.device)
-                self.scaler.scale(loss / cfg.accum_iter).backward()
-            total += loss.detach() / cfg.accum_iter
+            total += self.forward_backward((images, labels, seeds), last=micro == cfg.accum_iter - 1)
         p.images_in_epoch += self.global_batch
         p.images_seen += self.global_batch
         p.step += 1
-        nonfinite, self.stop_agreed = self.agree_on_flags(total)
-        if not self.check_finite(nonfinite):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None, skipped
+        finite = self.all_finite(total)
+        self.nonfinite_in_a_row = torch.where(finite, 0.0, self.nonfinite_in_a_row + 1)
+        self.nonfinite_since_log += (~finite).float()
+        self.update(finite)
+        return torch.where(finite, total, 0.0), finite, skipped
+
+    def all_finite(self, loss: torch.Tensor) -> torch.Tensor:
+        """Whether the loss is finite on every rank (a device flag): all ranks then skip the same
+        steps, since one rank's NaN reaches every rank's gradients through the all-reduce."""
+        if not self.dist.enabled:
+            return torch.isfinite(loss)
+        return all_reduce_sum((~torch.isfinite(loss)).float()) == 0
+
+    def forward_backward(self, batch: tuple, last: bool) -> torch.Tensor:
+        """One micro-step; returns its detached loss share (`loss / accum_iter`)."""
+        # DDP all-reduces only on the last micro-step. FSDP reduce-scatters on every one: skipping
+        # it would keep whole (unsharded) gradients, the memory FSDP is there to save.
+        ddp = self.dist.enabled and not self.sharded
+        sync = self.train_model.no_sync() if ddp and not last else contextlib.nullcontext()
+        with sync, self.accel.step():
+            with autocast(self.device, self.cfg.precision):
+                loss = self.task(self.train_model, batch, self.device) / self.cfg.accum_iter
+            self.scaler.scale(loss).backward()
+        return loss.detach()
+
+    def update(self, finite: torch.Tensor) -> None:
+        """Clip and step (skipped when the loss is not finite), then clear the gradients."""
         if self.schedule.clip_grad:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.schedule.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.skips_on_device:
+            self.optimizer.found_inf = (~finite).float()  # read by the fused kernel: no host sync
+            self.optimizer.step()
+            del self.optimizer.found_inf
+        elif bool(finite):  # the host decides: one sync per step for optimizers without the device skip
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, skipped
 
-    def agree_on_flags(self, loss: torch.Tensor) -> tuple[bool, bool]:
-        """(non-finite loss on some rank, SIGTERM on some rank), the same on every rank.
+    def log_interval(self, interval: EpochTotals, elapsed: float, bar: tqdm) -> None:
+        """The log line of the last `log_every` steps; checks the non-finite losses (a host sync)."""
+        p = self.progress
+        # The loss of the global batch: every rank reaches this line at the same step.
+        loss_sum, finite_steps, _ = interval.reduced()
+        self.check_nonfinite(int(self.nonfinite_since_log))
+        metrics = {
+            "epoch": p.epoch + p.images_in_epoch / self.epoch_images,
+            "loss": loss_sum / max(finite_steps, 1),
+            "lr": self.lr,
+            "images_per_s": interval.images / max(elapsed, 1e-9),
+        }
+        run_left_s = (self.total_images - p.images_seen) / max(metrics["images_per_s"], 1e-9)
+        bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            lr=f"{metrics['lr']:.2e}",
+            img_s=f"{metrics['images_per_s']:.0f}",
+            run_left=format_duration(run_left_s),
+        )
+        self.logger.log(metrics, p.step)
 
-        One small all-reduce per step, so all ranks skip the same steps and stop at the same one.
-        """
-        requested = torch.tensor(float(self.stop.requested), device=loss.device)
-        nonfinite, stop = all_reduce_sum(torch.stack([(~torch.isfinite(loss)).float(), requested])).tolist()
-        return nonfinite > 0, stop > 0
-
-    def check_finite(self, nonfinite: bool) -> bool:
-        """False (and a warning) after a non-finite loss; too many in a row stop the run."""
-        if not nonfinite:
-            self.nonfinite_in_a_row = 0
-            return True
-        self.nonfinite_in_a_row += 1
+    def check_nonfinite(self, since_log: int) -> None:
+        """Warn of skipped steps; too many non-finite losses in a row stop the run."""
+        self.nonfinite_since_log.zero_()
+        if not since_log:
+            return
+        in_a_row = int(self.nonfinite_in_a_row)  # the same on every rank (see `all_finite`)
         if self.dist.is_main:
-            warnings.warn(f"non-finite loss at step {self.progress.step}: the step is skipped", stacklevel=2)
-        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite:
+            warnings.warn(
+                f"{since_log} non-finite loss(es) before step {self.progress.step}: those steps were skipped",
+                stacklevel=3,
+            )
+        if in_a_row >= self.cfg.max_nonfinite:
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_a_row} non-finite losses in a row (last at step {self.progress.step}); "
+                f"{in_a_row} non-finite losses in a row (up to step {self.progress.step}); "
                 "lower the learning rate, enable clip_grad, or use fp32"
             )
-        return False
+
+    def end_epoch(self, totals: EpochTotals) -> None:
+        """Epoch summary, unreadable-data checks, hooks, checkpoint."""
+        p, cfg = self.progress, self.cfg
+        loss_sum, finite_steps, skipped = totals.reduced()
+        self.check_nonfinite(int(self.nonfinite_since_log))
+        check_readable(skipped, totals.images, p.epoch + 1)
+        metrics = {
+            "epoch": p.epoch + 1,
+            "train_loss": loss_sum / max(finite_steps, 1),
+            "skipped_images": skipped,
+            "epoch_time_s": round(time.perf_counter() - totals.started, 2),
+        }
+        p.epoch += 1
+        p.images_in_epoch = 0
+        for hook in self.hooks:
+            metrics.update(hook.after_epoch(self, p.epoch - 1))
+        for line in self.accel.report():  # e.g. attention shapes an evaluation met
+            self.say(line)
+        self.logger.log(metrics, p.step, prefix="epoch")
+        self.say(
+            ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        )
+        if skipped and self.dist.is_main:
+            warnings.warn(f"{skipped} unreadable image(s) were skipped in epoch {p.epoch}", stacklevel=2)
+        if p.epoch % cfg.save_every == 0 or p.epoch == cfg.epochs or self.finished:
+            self.save()
+
+
+class EpochTotals:
+    """Sums over a span of steps, kept on the device until read: this rank's loss over the finite
+    steps, the finite steps, the unreadable images it skipped; and the global images attempted."""
+
+    def __init__(self, device: torch.device, world_size: int) -> None:
+        self.sums = torch.zeros(2, device=device)  # loss over finite steps, finite steps
+        self.skipped = 0
+        self.images = 0
+        self.world_size = world_size
+        self.started = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, finite: torch.Tensor, skipped: int, images: int) -> None:
+        self.sums += torch.stack([loss, finite.float()])
+        self.skipped += skipped
+        self.images += images
+
+    def reduced(self) -> tuple[float, int, int]:
+        """(loss summed over the steps, of the global batch; finite steps; skipped images of all
+        ranks): one all-reduce and one read of the device."""
+        totals = all_reduce_sum(torch.cat([self.sums, self.sums.new_tensor([float(self.skipped)])]))
+        loss, finite_steps, skipped = totals.tolist()
+        return loss / self.world_size, round(finite_steps / self.world_size), int(skipped)
+
+
+def check_readable(skipped: int, attempted: int, epoch: int) -> None:
+    """An epoch that read nothing, or skipped most of its images, is an error, not a result."""
+    if attempted and skipped >= attempted:
+        raise UnreadableDataError(
+            f"no image of epoch {epoch} could be read ({skipped} skipped): check the data path and files"
+        )
+    if attempted and skipped > attempted / 2:
+        raise UnreadableDataError(
+            f"{skipped / attempted:.0%} of the images of epoch {epoch} could not be read ({skipped} of "
+            f"{attempted}); the warnings above name them"
+        )

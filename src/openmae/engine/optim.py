@@ -7,11 +7,14 @@ left out. Layer decay reads the model's `group_matcher()`, as every timm ViT doe
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 
 import torch
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from torch import nn
+
+from openmae.engine.schedule import absolute_lr
 
 
 @dataclass
@@ -32,6 +35,21 @@ class OptimConfig:
         default=True,
         metadata={"help": "AdamW as one fused kernel per step (~4x faster step than per-tensor loops)"},
     )
+
+    def __post_init__(self) -> None:
+        known = list_optimizers()
+        if self.name not in known:
+            close = difflib.get_close_matches(self.name, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"optim.name {self.name!r} is not an optimizer timm knows{hint}")
+
+    def peak_lr(self, effective_batch: int) -> tuple[float, str]:
+        """The run's peak lr and where it came from, for the log: `optim.lr` when set, else the
+        paper's scaling rule `base_lr x effective batch / 256`."""
+        if self.lr is not None:
+            return self.lr, f"lr {self.lr:.3g} (optim.lr; effective batch {effective_batch})"
+        lr = absolute_lr(self.base_lr, effective_batch)
+        return lr, f"lr {lr:.3g} = base lr {self.base_lr:g} x effective batch {effective_batch} / 256"
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

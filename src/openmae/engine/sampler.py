@@ -121,18 +121,6 @@ class SeededDataset(Dataset):
         return image, label, seed
 
 
-def noise_from_seeds(seeds: torch.Tensor, num_patches: int, device: torch.device | str) -> torch.Tensor:
-    """Per-sample masking noise `[B, L]`, uniform in [0, 1), drawn from each sample's seed.
-
-    Independent of the augmentation stream (the seed is offset), of batch composition and of rank.
-    """
-    rows = [
-        torch.rand(num_patches, generator=torch.Generator().manual_seed(int(s) ^ 0x5EED))
-        for s in seeds.tolist()
-    ]
-    return torch.stack(rows).to(device, non_blocking=True)  # [B, L]
-
-
 def collate_seeded(batch: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """`collate_skip` for `(image, label, seed)` items: unreadable ones (None) dropped and counted.
 

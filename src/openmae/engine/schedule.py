@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import math
 
+# A warm-up longer than this share of the run leaves too little of it at a useful lr; it is cut
+# to the paper's share instead (40 of 800 epochs).
+MAX_WARMUP_SHARE = 0.25
+PAPER_WARMUP_SHARE = 0.05
+
 
 def warmup_cosine_lr(
     progress: float, total: float, warmup: float, peak_lr: float, min_lr: float = 0.0
@@ -21,6 +26,12 @@ def warmup_cosine_lr(
     span = max(total - warmup, 1e-12)
     fraction = min(max((progress - warmup) / span, 0.0), 1.0)
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * fraction))
+
+
+def fitted_warmup(warmup: float, total: float) -> float:
+    """`warmup`, or 5% of `total` when it would take more than a quarter of the run
+    (e.g. the paper's 40 warm-up epochs in a 2-epoch run)."""
+    return PAPER_WARMUP_SHARE * total if warmup > MAX_WARMUP_SHARE * total else warmup
 
 
 def absolute_lr(base_lr: float, effective_batch: int) -> float:

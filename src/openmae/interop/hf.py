@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from openmae.checkpoint.format import unwrap_model
 from openmae.extras import require
 from openmae.interop.keymap import Rule, rule, to_ours, to_theirs
 from openmae.interop.reference import load_pickle
-from openmae.interop.state import unwrap_model
 from openmae.models.mae import MAEConfig, MaskedAutoencoder
 
 if TYPE_CHECKING:

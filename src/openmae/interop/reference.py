@@ -3,7 +3,8 @@
 The reference code saves `{'model': state_dict, ...}` (training checkpoints add the optimizer, the
 epoch and the argparse `args`) under the very names openmae uses, so no renaming is needed. Its
 linear-probe checkpoints put a BatchNorm without affine parameters in front of the classifier
-(`head.0`, `head.1`); that is folded into a single linear `head` here. Pickles are only ever read
+(`head.0`, `head.1`); `load_checkpoint` folds it into a single linear `head`
+(`openmae.models.probe.fold_probe_head`). Pickles are only ever read
 with `torch.load(weights_only=True)`, which refuses anything that could run code.
 """
 
@@ -20,9 +21,6 @@ import torch
 
 # Where training scripts nest the weights: the reference (`model`), timm (`state_dict`), others.
 CONTAINER_KEYS = ("model", "state_dict", "model_state_dict")
-
-# The reference's linear probe uses BatchNorm1d(affine=False, eps=1e-6) before the linear head.
-LINPROBE_BN_EPS = 1e-6
 
 
 def load_pickle(path: str | Path) -> Any:
@@ -53,23 +51,3 @@ def unwrap_container(obj: Any) -> Any:
             if isinstance(obj.get(key), Mapping):
                 return obj[key]
     return obj
-
-
-def fold_linprobe_head(
-    state: dict[str, torch.Tensor], eps: float = LINPROBE_BN_EPS
-) -> dict[str, torch.Tensor]:
-    """Fold a reference linear-probe head `head.0` (BatchNorm, no affine) + `head.1` into one `head`.
-
-    In eval mode `W (x - mean) / sqrt(var + eps) + b = (W s) x + (b - (W s) mean)`, `s = 1/sqrt(var+eps)`,
-    so the folded classifier gives the same logits. Other state dicts are returned unchanged.
-    """
-    if "head.1.weight" not in state or "head.0.running_mean" not in state:
-        return state
-    out = dict(state)
-    mean, var = out.pop("head.0.running_mean"), out.pop("head.0.running_var")  # [D] each
-    out.pop("head.0.num_batches_tracked", None)
-    weight, bias = out.pop("head.1.weight"), out.pop("head.1.bias")  # [classes, D], [classes]
-    scaled = weight * torch.rsqrt(var + eps)[None, :]  # [classes, D]
-    out["head.weight"] = scaled
-    out["head.bias"] = bias - scaled @ mean
-    return out

@@ -11,15 +11,15 @@ import torch
 from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 from torch import nn
 
-from openmae.interop.state import HEAD, part_of, unwrap_model
-from openmae.models.mae import is_encoder_key
+from openmae.checkpoint.format import unwrap_model
+from openmae.models.parts import DECODER, HEAD, part_of
 from openmae.models.vit import VisionTransformer
 
 
 def export_timm(model: nn.Module) -> dict[str, torch.Tensor]:
     """The encoder's weights under timm's names (the head too, if the model is a classifier)."""
     model = unwrap_model(model)
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if is_encoder_key(k)}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if part_of(k) != DECODER}
 
 
 def to_timm(model: nn.Module, num_classes: int | None = None) -> TimmVisionTransformer:

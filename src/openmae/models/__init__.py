@@ -1,6 +1,7 @@
 """Model code: layers, position embeddings, masking, the ViT encoder, the MAE and named sizes."""
 
-from openmae.models.mae import MAEConfig, MAEOutput, MaskedAutoencoder, is_encoder_key
+from openmae.models.baselines import MaskTokensInEncoder
+from openmae.models.mae import MAEConfig, MAEOutput, MaskedAutoencoder, build_mae
 from openmae.models.masking import Masking, random_masking, sample_masking
 from openmae.models.patches import patchify, unpatchify
 from openmae.models.pos_embed import resize_pos_embed, sincos_2d
@@ -11,11 +12,12 @@ __all__ = [
     "MAEConfig",
     "MAEOutput",
     "Masking",
+    "MaskTokensInEncoder",
     "MaskedAutoencoder",
     "ViTConfig",
     "VisionTransformer",
     "create_model",
-    "is_encoder_key",
+    "build_mae",
     "list_models",
     "model_config",
     "patchify",

@@ -21,8 +21,8 @@ from openmae.models.layers import Block, LayerNorm, init_weights
 from openmae.models.masking import (
     MASK_SAMPLINGS,
     Masking,
-    check_mask_ratio,
     masking_from_mask,
+    num_kept,
     random_masking,
     sample_masking,
 )
@@ -41,11 +41,11 @@ class MAEConfig(ViTConfig):
     norm_pix_loss: bool = False
     mask_ratio: float = 0.75
     mask_sampling: str = "random"
-    encoder_mask_tokens: bool = False
+    encoder_mask_tokens: bool = False  # the paper's slow baseline (Table 1c): see `build_mae`
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_mask_ratio(self.mask_ratio)
+        num_kept(self.grid_size[0] * self.grid_size[1], self.mask_ratio)  # some patch stays visible
         if self.mask_sampling not in MASK_SAMPLINGS:
             raise ValueError(f"mask_sampling must be one of {MASK_SAMPLINGS}, got {self.mask_sampling!r}")
         if self.decoder_embed_dim % 4 or self.decoder_embed_dim % self.decoder_num_heads:
@@ -53,11 +53,6 @@ class MAEConfig(ViTConfig):
                 f"decoder_embed_dim {self.decoder_embed_dim} must be divisible by 4 and by "
                 f"decoder_num_heads {self.decoder_num_heads}"
             )
-
-    def encoder_config(self, **changes) -> ViTConfig:
-        """The encoder's part of this config, e.g. to build a classifier from the pretrained encoder."""
-        fields = {k: v for k, v in self.to_dict().items() if k in ViTConfig.__dataclass_fields__}
-        return ViTConfig(**{**fields, **changes})
 
 
 @dataclass
@@ -80,17 +75,19 @@ class MAEOutput:
 class MaskedAutoencoder(VisionTransformer):
     """MAE with a ViT encoder and a light transformer decoder."""
 
+    mask_tokens_in_encoder = False  # see `models.baselines.MaskTokensInEncoder`
+
     def __init__(self, config: MAEConfig) -> None:
+        if config.encoder_mask_tokens != self.mask_tokens_in_encoder:
+            raise ValueError(
+                "encoder_mask_tokens selects another model class: build it with build_mae(config)"
+            )
         super().__init__(config)
         self.config: MAEConfig = config
         D, Dd = config.embed_dim, config.decoder_embed_dim
         L = self.num_patches
-        if config.encoder_mask_tokens:
-            # The paper's slow baseline: hidden patches enter the encoder as a learned token.
-            self.encoder_mask_token = nn.Parameter(torch.zeros(1, 1, D))
         self.decoder_embed = nn.Linear(D, Dd)
-        if not config.encoder_mask_tokens:
-            self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.add_mask_token()
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, 1 + L, Dd), requires_grad=False)
         self.decoder_blocks = nn.ModuleList(
             Block(Dd, config.decoder_num_heads, config.mlp_ratio) for _ in range(config.decoder_depth)
@@ -99,11 +96,15 @@ class MaskedAutoencoder(VisionTransformer):
         self.decoder_pred = nn.Linear(Dd, config.patch_size**2 * config.in_chans)
         self._init_decoder()
 
+    def add_mask_token(self) -> None:
+        """The one learned token that stands for every hidden patch in the decoder's input."""
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, self.config.decoder_embed_dim))
+
     def _init_decoder(self) -> None:
         self.decoder_pos_embed.data.copy_(sincos_2d(self.config.decoder_embed_dim, self.grid_size)[None])
-        for token in ("mask_token", "encoder_mask_token"):
-            if hasattr(self, token):
-                nn.init.normal_(getattr(self, token), std=0.02)
+        for name, param in self.named_parameters():
+            if name.endswith("mask_token"):
+                nn.init.normal_(param, std=0.02)
         for name, module in self.named_modules():
             if name.startswith("decoder_"):
                 init_weights(module)
@@ -138,25 +139,20 @@ class MaskedAutoencoder(VisionTransformer):
         return sample_masking(batch_size, self.grid_size, ratio, self.config.mask_sampling, device, generator)
 
     def forward_encoder(self, imgs: torch.Tensor, masking: Masking) -> torch.Tensor:
-        """Encode the visible patches: `[B, C, H, W]` -> `[B, 1+K, D]` (cls first).
-
-        With `encoder_mask_tokens` the hidden patches are replaced by a mask token instead of
-        being dropped, and the result is `[B, 1+L, D]`.
-        """
+        """Encode the visible patches only: `[B, C, H, W]` -> `[B, 1+K, D]` (cls first)."""
         x = self.embed_patches(imgs)  # [B, L, D]
-        if self.config.encoder_mask_tokens:
-            hidden = masking.mask.unsqueeze(-1).bool()  # [B, L, 1]
-            x = torch.where(hidden, self.encoder_mask_token + self.pos_embed[:, 1:, :], x)
-        else:
-            index = masking.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # [B, K, D]
-            x = torch.gather(x, dim=1, index=index)  # [B, K, D]
+        index = masking.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # [B, K, D]
+        x = torch.gather(x, dim=1, index=index)  # [B, K, D]
         return self.run_blocks(self.prepend_cls(x))
 
     def forward_decoder(self, latent: torch.Tensor, masking: Masking) -> torch.Tensor:
         """Predict every patch: `[B, 1+K, D]` -> `[B, L, P*P*C]`."""
         x = self.decoder_embed(latent)  # [B, 1+K, Dd]
-        if not self.config.encoder_mask_tokens:
-            x = torch.cat([x[:, :1], self.unshuffle_with_mask_tokens(x[:, 1:], masking)], dim=1)
+        x = torch.cat([x[:, :1], self.unshuffle_with_mask_tokens(x[:, 1:], masking)], dim=1)
+        return self.predict_pixels(x)
+
+    def predict_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """The decoder's blocks over the full grid: `[B, 1+L, Dd]` (grid order) -> `[B, L, P*P*C]`."""
         x = x + self.decoder_pos_embed  # [B, 1+L, Dd]
         for block in self.decoder_blocks:
             x = self.run_block(block, x)
@@ -202,11 +198,11 @@ class MaskedAutoencoder(VisionTransformer):
         loss = self.forward_loss(pred, self.reconstruction_target(imgs), masking.mask)
         return MAEOutput(loss=loss, pred=pred, mask=masking.mask, ids_restore=masking.ids_restore)
 
-    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """The encoder's weights alone, under timm's names (no decoder, no mask tokens)."""
-        return {k: v for k, v in self.state_dict().items() if is_encoder_key(k)}
 
+def build_mae(config: MAEConfig) -> MaskedAutoencoder:
+    """The model a config describes: the MAE, or with `encoder_mask_tokens` the paper's baseline."""
+    if config.encoder_mask_tokens:
+        from openmae.models.baselines import MaskTokensInEncoder
 
-def is_encoder_key(key: str) -> bool:
-    """True for encoder parameter names (timm's), false for the decoder and the mask tokens."""
-    return not (key.startswith("decoder_") or key in ("mask_token", "encoder_mask_token"))
+        return MaskTokensInEncoder(config)
+    return MaskedAutoencoder(config)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 MaskSampling = Literal["random", "block", "grid"]
-MASK_SAMPLINGS: tuple[str, ...] = ("random", "block", "grid")
+MASK_SAMPLINGS: tuple[str, ...] = get_args(MaskSampling)
 
 
 @dataclass(frozen=True)
@@ -33,15 +33,17 @@ class Masking:
     ids_restore: torch.Tensor
     mask: torch.Tensor
 
-    @property
-    def num_kept(self) -> int:
-        return self.ids_keep.shape[1]
-
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
-    """K = int(L * (1 - mask_ratio)), as in the reference code."""
+    """K = int(L * (1 - mask_ratio)), as in the reference code; at least one patch must stay visible."""
     check_mask_ratio(mask_ratio)
-    return int(num_patches * (1 - mask_ratio))
+    keep = int(num_patches * (1 - mask_ratio))
+    if keep < 1:
+        raise ValueError(
+            f"mask_ratio {mask_ratio} hides all {num_patches} patches (at least one must stay visible): "
+            f"use at most {1 - 1 / num_patches:.4g}"
+        )
+    return keep
 
 
 def check_mask_ratio(mask_ratio: float) -> None:

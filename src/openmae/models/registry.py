@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import fields, replace
 
-from openmae.models.mae import MAEConfig, MaskedAutoencoder
+from openmae.models.mae import MAEConfig, MaskedAutoencoder, build_mae
 
 # The paper's decoder (512 wide, 8 deep, 16 heads) is MAEConfig's default.
 _MODELS: dict[str, MAEConfig] = {
@@ -54,7 +54,7 @@ def model_config(name: str, **overrides) -> MAEConfig:
 
 def create_model(name: str, **overrides) -> MaskedAutoencoder:
     """Build a freshly initialised MAE of a named size, e.g. `create_model("mae_vit_debug", in_chans=4)`."""
-    return MaskedAutoencoder(model_config(name, **overrides))
+    return build_mae(model_config(name, **overrides))
 
 
 def _did_you_mean(word: str, choices) -> str:

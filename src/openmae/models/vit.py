@@ -57,6 +57,11 @@ class ViTConfig:
         d["img_size"] = list(self.img_size)
         return d
 
+    def encoder_config(self, **changes) -> ViTConfig:
+        """This config's encoder part (a `ViTConfig`), e.g. for a classifier on a pretrained encoder."""
+        fields = {k: v for k, v in self.to_dict().items() if k in ViTConfig.__dataclass_fields__}
+        return ViTConfig(**{**fields, **changes})
+
 
 class VisionTransformer(nn.Module):
     """ViT encoder with a cls token, fixed 2-D sin-cos position embedding and an optional head.
@@ -137,11 +142,17 @@ class VisionTransformer(nn.Module):
         """Encode a whole, unmasked image: `[B, C, H, W]` -> `[B, 1+L, D]` (cls first)."""
         return self.run_blocks(self.prepend_cls(self.embed_patches(imgs)))
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """`[B, 1+L, D]` -> `[B, D]`: the cls token, or the mean patch token through `fc_norm`."""
-        if self.config.global_pool == "avg":
-            return self.fc_norm(tokens[:, 1:].mean(dim=1))
-        return tokens[:, 0]
+    def pool(self, tokens: torch.Tensor, how: GlobalPool | None = None) -> torch.Tensor:
+        """`[B, 1+L, D]` -> `[B, D]`: the cls token, or the mean patch token (through `fc_norm` when
+        that is the model's own pooling). `how` defaults to the model's `global_pool`; another
+        choice reads the tokens as they leave the encoder (e.g. average-pooled MAE features)."""
+        how = how or self.config.global_pool
+        if how not in ("token", "avg"):
+            raise ValueError(f"pooling must be 'token' or 'avg', got {how!r}")
+        if how == "token":
+            return tokens[:, 0]
+        mean = tokens[:, 1:].mean(dim=1)  # [B, D]
+        return self.fc_norm(mean) if self.config.global_pool == "avg" else mean
 
     def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """`[B, 1+L, D]` -> `[B, num_classes]` (or the pooled `[B, D]` with `pre_logits`)."""

@@ -18,12 +18,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from openmae.data import DataConfig, build_dataset, build_loader
+from openmae.data.wrappers import num_classes_of, random_subset
 from openmae.distributed import ShardedEvalSampler, init_distributed, is_main_process
-from openmae.engine.features import Pool
 from openmae.engine.knn import knn_accuracy
 from openmae.errors import UsageError
-from openmae.models.vit import VisionTransformer
-from openmae.recipes.classify import build_encoder, num_classes_of, random_subset
+from openmae.interop import load_encoder
+from openmae.models.vit import GlobalPool, VisionTransformer
 
 
 @dataclass
@@ -43,7 +43,7 @@ class KnnConfig:
     img_size: int | None = field(default=None, metadata={"help": "image side (None: the checkpoint's)"})
     k: int = field(default=20, metadata={"help": "neighbours that vote"})
     temperature: float = field(default=0.07, metadata={"help": "votes weigh exp(cosine / temperature)"})
-    pool: Pool = field(default="token", metadata={"help": "token (cls) | avg (mean of patch tokens)"})
+    pool: GlobalPool = field(default="token", metadata={"help": "token (cls) | avg (mean of patch tokens)"})
     train_images: int | None = field(
         default=None, metadata={"help": "memory bank size (None: the whole split)"}
     )
@@ -66,7 +66,7 @@ def knn(cfg: KnnConfig) -> dict:
     device = init_distributed(cfg.device).device
     try:
         torch.manual_seed(cfg.seed)
-        encoder = build_encoder(cfg.checkpoint, cfg.model, cfg.num_heads, cfg.img_size).to(device)
+        encoder = load_encoder(cfg.checkpoint, cfg.model, cfg.num_heads, cfg.img_size).to(device)
         img_size, in_chans = encoder.config.img_size, encoder.config.in_chans
         bank = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=False)
         queries = build_dataset(cfg.data, "val", img_size, in_chans, train_transform=False)

@@ -6,27 +6,22 @@ images, 40 warm-up epochs then cosine, 800 epochs, random-resized crops, normali
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from openmae.config import config_to_dict, save_config
 from openmae.data import DataConfig, build_dataset, build_loader, dataset_mean_std
-from openmae.distributed import init_distributed
-from openmae.engine.checkpoint import resolve_resume
+from openmae.data.wrappers import UserImages
 from openmae.engine.evaluate import reconstruction_error
-from openmae.engine.loop import Progress, Schedule, TrainConfig, Trainer
+from openmae.engine.loop import Hook, Progress, Schedule, TrainConfig, Trainer
 from openmae.engine.optim import OptimConfig, build_optimizer
-from openmae.engine.precision import check_precision
-from openmae.engine.sampler import noise_from_seeds
-from openmae.engine.schedule import absolute_lr
-from openmae.errors import UsageError
+from openmae.engine.tasks import PretrainTask
 from openmae.logging import RunLogger
 from openmae.models import MaskedAutoencoder, create_model
 from openmae.recipes.knn import KnnMonitor
+from openmae.recipes.runs import checked, join_run, open_run, resume_point
 
 
 @dataclass
@@ -60,20 +55,7 @@ class PretrainResult:
     weights: Path
     progress: Progress
     eval_metrics: dict
-
-
-class PretrainTask:
-    """The batch loss: masking noise comes from each sample's seed, so it replays on resume."""
-
-    def __init__(self, num_patches: int, per_sample_noise: bool) -> None:
-        self.num_patches = num_patches
-        self.per_sample_noise = per_sample_noise
-
-    def __call__(self, model, batch, device):
-        images, _, seeds = batch
-        noise = noise_from_seeds(seeds, self.num_patches, device) if self.per_sample_noise else None
-        out = model(images.to(device, non_blocking=True), noise=noise)
-        return out.loss, {}
+    stopped_by_signal: bool = False
 
 
 def build_pretrain_model(cfg: PretrainConfig) -> MaskedAutoencoder:
@@ -89,92 +71,94 @@ def build_pretrain_model(cfg: PretrainConfig) -> MaskedAutoencoder:
     return create_model(cfg.model, **overrides)
 
 
-def pretrain(cfg: PretrainConfig) -> PretrainResult:
-    """Run MAE pretraining as `cfg` says; returns where the weights went and the final metrics."""
-    dist = init_distributed(cfg.device)
+class ReconstructionMonitor(Hook):
+    """Masked-patch reconstruction error on held-out images, and their pictures, every `every` epochs.
+
+    A monitor on a small fixed set, run whole by rank 0 alone (by every rank when the model is
+    sharded, as each forward needs them all; rank 0 logs): its masks are drawn in one fixed order,
+    so the value is the same at any world size. The k-NN monitor, which can be large, is sharded
+    instead (see `KnnMonitor`).
+    """
+
+    def __init__(self, loader: DataLoader, every: int, mean, std, seed: int, logger: RunLogger) -> None:
+        self.loader, self.every, self.mean, self.std, self.seed = loader, every, mean, std, seed
+        self.logger = logger
+        self.last: dict = {}
+
+    def after_epoch(self, trainer: Trainer, epoch: int) -> dict:
+        due = (epoch + 1) % self.every == 0 or trainer.finished
+        if not due or not (trainer.dist.is_main or trainer.sharded):
+            return {}
+        self.last = reconstruction_error(trainer.model, self.loader, trainer.device, seed=self.seed)
+        log_reconstructions(self.logger, trainer.model, self.loader, self.mean, self.std, epoch)
+        return dict(self.last)
+
+
+class KnnHook(Hook):
+    """`KnnMonitor` at epoch ends: every rank encodes its shard, the hits are summed."""
+
+    def __init__(self, monitor: KnnMonitor) -> None:
+        self.monitor = monitor
+
+    def after_epoch(self, trainer: Trainer, epoch: int) -> dict:
+        return self.monitor(trainer.model, epoch, trainer.finished, trainer.device)
+
+
+def pretrain(cfg: PretrainConfig, dataset: Dataset | None = None) -> PretrainResult:
+    """Run MAE pretraining as `cfg` says; returns where the weights went and the final metrics.
+
+    `dataset` replaces `cfg.data`'s training images: any `torch.utils.data.Dataset` of images
+    `[C, H, W]` (already transformed to the model's size) or `(image, label)` pairs.
+    """
+    dist = join_run(cfg)
     # Everything that can be wrong with the input is checked before anything is written.
-    try:
+    with checked():
         torch.manual_seed(cfg.seed)
         model = build_pretrain_model(cfg)
         img_size, in_chans = model.config.img_size, model.config.in_chans
-        train_set = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=True)
+        if dataset is not None:
+            train_set = UserImages(dataset, in_chans, model.config.img_size)
+        else:
+            train_set = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=True)
         heldout = heldout_loader(cfg, img_size, in_chans)
         knn_monitor = KnnMonitor.from_config(cfg, img_size, in_chans)
         if knn_monitor is not None and cfg.fsdp:
             # FSDP gathers a sharded model's weights in `forward`; the k-NN features come from another method.
             raise ValueError("knn_every does not work with fsdp")
-        resume_from = resolve_resume(cfg.resume, cfg.output_dir)
-        check_precision(cfg.precision, dist.device)
-    except (ValueError, FileNotFoundError) as error:
-        raise UsageError(str(error)) from error
+        mean, std = dataset_mean_std(cfg.data, in_chans)
+    resume_from = resume_point(cfg)
 
     model.to(dist.device)
-    effective_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
-    peak_lr = cfg.optim.lr if cfg.optim.lr is not None else absolute_lr(cfg.optim.base_lr, effective_batch)
-    optimizer = build_optimizer(model, cfg.optim, peak_lr)
-    out_dir = Path(cfg.output_dir)
-    logger = RunLogger(out_dir, enabled=dist.is_main)
-    if dist.is_main:
-        save_config(cfg, out_dir / "config.yaml")
-        rule = f"base lr {cfg.optim.base_lr:g} x {effective_batch} / 256"
-        print(f"effective batch {effective_batch} -> lr {peak_lr:.3g} ({rule})")
-    metadata = {
-        "run_config": json.dumps(config_to_dict(cfg)),
-        "target": "norm_pix" if cfg.norm_pix_loss else "pixels",
-    }
-    mean, std = dataset_mean_std(cfg.data, in_chans)
-    eval_metrics: dict = {}
-
-    def on_epoch_end(epoch: int) -> dict:
-        """Reconstruction error on the held-out images, and their pictures, every `vis_every` epochs.
-
-        A monitor on a small fixed set, run whole by rank 0 alone (by every rank when the model is
-        sharded, as each forward needs them all; rank 0 logs): its masks are drawn in one fixed
-        order, so the value is the same at any world size. The k-NN monitor, which can be large,
-        is sharded instead (see `KnnMonitor`).
-        """
-        last = trainer.finished
-        if (
-            heldout is None
-            or not (dist.is_main or trainer.sharded)  # a sharded model needs every rank in its forward
-            or not cfg.vis_every
-            or not ((epoch + 1) % cfg.vis_every == 0 or last)
-        ):
-            return {}
-        eval_metrics.update(reconstruction_error(model, heldout, dist.device, seed=cfg.seed))
-        log_reconstructions(logger, model, heldout, mean, std, epoch)
-        return dict(eval_metrics)
-
-    def on_epoch_end_with_knn(epoch: int) -> dict:
-        metrics = on_epoch_end(epoch)
-        if knn_monitor is not None:  # every rank: each encodes its shard, the hits are summed
-            metrics |= knn_monitor(model, epoch, trainer.finished, dist.device)
-        return metrics
-
+    run = open_run(cfg, cfg.optim, dist, "pretrain", target="norm_pix" if cfg.norm_pix_loss else "pixels")
+    hooks: list[Hook] = []
+    if heldout is not None and cfg.vis_every:
+        hooks.append(ReconstructionMonitor(heldout, cfg.vis_every, mean, std, cfg.seed, run.logger))
+    if knn_monitor is not None:
+        hooks.append(KnnHook(knn_monitor))
     trainer = Trainer(
         model,
-        PretrainTask(model.num_patches, per_sample_noise=cfg.mask_sampling == "random"),
+        PretrainTask(model.grid_size, cfg.mask_ratio, cfg.mask_sampling),
         train_set,
-        optimizer,
-        Schedule(peak_lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.clip_grad),
+        build_optimizer(model, cfg.optim, run.peak_lr),
+        Schedule(run.peak_lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.clip_grad),
         cfg,
         dist,
-        logger,
+        run.logger,
         num_workers=cfg.data.resolved_num_workers(),
-        metadata=metadata,
-        on_epoch_end=on_epoch_end_with_knn,
+        metadata=run.metadata,
+        hooks=hooks,
     )
     if resume_from is not None:
         trainer.resume(resume_from)
-        if dist.is_main:
-            print(
-                f"resumed from {resume_from} at step {trainer.progress.step} (epoch {trainer.progress.epoch})"
-            )
+        trainer.say(
+            f"resumed from {resume_from} at step {trainer.progress.step} (epoch {trainer.progress.epoch})"
+        )
     progress = trainer.fit()
-    weights = out_dir / "model.safetensors"
+    weights = run.out_dir / "model.safetensors"
     trainer.save_weights(weights)  # every rank: FSDP gathers the shards; rank 0 writes
-    logger.close()
-    return PretrainResult(out_dir, weights, progress, eval_metrics)
+    run.logger.close()
+    eval_metrics = dict(hooks[0].last) if hooks and isinstance(hooks[0], ReconstructionMonitor) else {}
+    return PretrainResult(run.out_dir, weights, progress, eval_metrics, trainer.stopped_by_signal)
 
 
 def heldout_loader(cfg: PretrainConfig, img_size, in_chans: int) -> DataLoader | None:

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Subset
 
+from openmae.checkpoint import read_metadata
 from openmae.data import DataConfig, build_dataset, dataset_mean_std, find_images
 from openmae.errors import UsageError
-from openmae.interop import load_checkpoint, read_metadata
+from openmae.interop import load_checkpoint
 from openmae.models import MaskedAutoencoder
 
 

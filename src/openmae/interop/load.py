@@ -1,20 +1,14 @@
-"""Saving and loading weights: openmae's safetensors format, and every format openmae reads.
+"""Loading weights of every format openmae reads into openmae models.
 
-openmae's own checkpoint is one safetensors file. Its metadata (strings only) holds
-`format="openmae"`, `version="1"`, `model_class` ("MaskedAutoencoder" or "VisionTransformer") and
-`config` (the model config as JSON), plus whatever strings the caller adds (e.g. `step`).
-
-`load_checkpoint` also reads the MAE reference's `.pth` files, timm ViT state dicts and HF ViTMAE
-weights (a state dict, a file, or a folder with config.json). Without a model it builds one: from
+`load_checkpoint` reads openmae's own files (`openmae.checkpoint.format`), the MAE reference's `.pth`
+files, timm ViT state dicts and HF ViTMAE weights (a state dict, a file, or a folder with
+config.json). Without a model it builds one: from
 the stored config when there is one, else from the tensor shapes (see `openmae.interop.infer`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -22,115 +16,25 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from timm.layers import to_2tuple
 from torch import nn
 
+from openmae.checkpoint.format import FORMAT, is_openmae_file, read_metadata, read_weights, unwrap_model
 from openmae.interop.hf import from_hf_state_dict, is_hf_state_dict, read_hf_dir
 from openmae.interop.infer import infer_config, infer_grid
-from openmae.interop.reference import fold_linprobe_head, load_pickle, unwrap_container
-from openmae.interop.state import (
-    DECODER,
-    ENCODER,
-    FINAL_NORM,
-    HEAD,
-    check_tensors,
-    part_of,
-    strip_wrapper_prefixes,
-    unwrap_model,
-)
-from openmae.models.mae import MAEConfig, MaskedAutoencoder
+from openmae.interop.reference import load_pickle, unwrap_container
+from openmae.interop.state import check_tensors, strip_wrapper_prefixes
+from openmae.models.mae import MAEConfig, build_mae
+from openmae.models.parts import DECODER, ENCODER, FINAL_NORM, HEAD, part_of
 from openmae.models.pos_embed import resize_pos_embed
+from openmae.models.probe import fold_probe_head
+from openmae.models.registry import create_model
 from openmae.models.vit import VisionTransformer, ViTConfig
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "openmae"
-VERSION = "1"
-RESERVED_METADATA = ("format", "version", "model_class", "config")
-MODEL_CLASSES: dict[str, tuple[type[VisionTransformer], type[ViTConfig]]] = {
-    "MaskedAutoencoder": (MaskedAutoencoder, MAEConfig),
-    "VisionTransformer": (VisionTransformer, ViTConfig),
-}
 Kind = Literal["mae", "encoder", "classifier"]
-
-
-# ------------------------------------------------------------------------------------------------
-# openmae's format.
-
-
-def save_checkpoint(
-    model: nn.Module,
-    path: str | Path,
-    metadata: dict[str, str] | None = None,
-    state_dict: Mapping[str, torch.Tensor] | None = None,
-) -> Path:
-    """Write a model's weights and config as an openmae safetensors file, atomically.
-
-    Args:
-        model: an openmae MaskedAutoencoder or VisionTransformer (DDP / compile wrappers are removed).
-        path: destination file; its folder is created if needed.
-        metadata: extra strings to store (e.g. `{"step": "100"}`); the keys `format`, `version`,
-            `model_class` and `config` are openmae's own.
-        state_dict: the weights to write instead of `model.state_dict()`, under the same names
-            (e.g. the full weights gathered from an FSDP-sharded `model`).
-
-    Raises:
-        ValueError: on non-finite weights (nothing is written) or bad metadata.
-    """
-    model = unwrap_model(model)
-    model_class = _model_class_name(model)
-    extra = dict(metadata or {})
-    clash = sorted(set(extra) & set(RESERVED_METADATA))
-    if clash:
-        raise ValueError(f"metadata keys {clash} are reserved for openmae's own use; choose other names")
-    not_str = [k for k, v in extra.items() if not (isinstance(k, str) and isinstance(v, str))]
-    if not_str:
-        raise ValueError(f"metadata must map strings to strings; not so for {not_str}")
-    weights = model.state_dict() if state_dict is None else state_dict
-    state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if nonfinite:
-        raise ValueError(f"refusing to save non-finite weights (NaN or inf) in {nonfinite[:8]}")
-    header = {
-        **extra,
-        "format": FORMAT,
-        "version": VERSION,
-        "model_class": model_class,
-        "config": json.dumps(model.config.to_dict()),
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target and rename: a crash never leaves a half-written checkpoint.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The string metadata of a safetensors file (for openmae's: format, version, model_class, config...)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as e:  # safetensors raises its own error types for a bad header
-        raise ValueError(f"{path} is not a safetensors file: {e}") from e
-
-
-def _model_class_name(model: nn.Module) -> str:
-    for name, (cls, _) in MODEL_CLASSES.items():
-        if isinstance(model, cls):
-            return name
-    raise TypeError(f"save_checkpoint needs an openmae model, got {type(model).__name__}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -160,28 +64,11 @@ def read_checkpoint(source: str | Path | Mapping) -> Checkpoint:
         return Checkpoint(state, "huggingface", config, "MaskedAutoencoder")
     if path.suffix == ".safetensors":
         metadata = read_metadata(path)
-        if metadata.get("format") == FORMAT:
-            return _read_openmae(path, metadata)
+        if is_openmae_file(metadata):
+            weights = read_weights(path, metadata)
+            return Checkpoint(weights.state, FORMAT, weights.config, weights.model_class, weights.metadata)
         return _from_state_dict(load_file(path), str(path))
     return _from_state_dict(load_pickle(path), str(path))
-
-
-def _read_openmae(path: Path, metadata: dict[str, str]) -> Checkpoint:
-    if metadata.get("version") != VERSION:
-        raise ValueError(
-            f"{path}: openmae checkpoint version {metadata.get('version')!r}; this openmae reads {VERSION}"
-        )
-    model_class = metadata.get("model_class")
-    if model_class not in MODEL_CLASSES:
-        raise ValueError(
-            f"{path}: unknown model_class {model_class!r}; expected one of {list(MODEL_CLASSES)}"
-        )
-    config_cls = MODEL_CLASSES[model_class][1]
-    try:
-        config = config_cls(**json.loads(metadata["config"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: the stored model config cannot be read: {e}") from e
-    return Checkpoint(load_file(path), FORMAT, config, model_class, metadata)
 
 
 def _from_state_dict(obj: object, origin: str) -> Checkpoint:
@@ -190,7 +77,7 @@ def _from_state_dict(obj: object, origin: str) -> Checkpoint:
     if is_hf_state_dict(state):
         return Checkpoint(from_hf_state_dict(state), "huggingface")
     if "patch_embed.proj.weight" in state:
-        return Checkpoint(fold_linprobe_head(state), "reference/timm")
+        return Checkpoint(fold_probe_head(state), "reference/timm")
     raise ValueError(
         f"{origin}: unrecognised checkpoint format (first keys: {list(state)[:5]}); expected openmae, "
         "MAE reference, timm ViT or HuggingFace ViTMAE weights"
@@ -199,6 +86,18 @@ def _from_state_dict(obj: object, origin: str) -> Checkpoint:
 
 # ------------------------------------------------------------------------------------------------
 # Building the model and loading weights into it.
+
+
+def load_encoder(
+    checkpoint: str | None, model: str | None, num_heads: int | None = None, img_size: int | None = None
+) -> VisionTransformer:
+    """The encoder of `checkpoint` (any format), or a random one of the named size `model`."""
+    if checkpoint is None or checkpoint.lower() == "none":
+        if model is None:
+            raise ValueError("give checkpoint=PATH, or checkpoint=none with model=NAME for a random init")
+        return create_model(model, **({"img_size": img_size} if img_size else {}))
+    overrides = {"num_heads": num_heads} if num_heads else {}
+    return load_checkpoint(checkpoint, kind="encoder", img_size=img_size, **overrides)
 
 
 def load_checkpoint(
@@ -276,7 +175,7 @@ def build_model(
     if kind == "classifier" and wanted.get("num_classes", 0) <= 0:
         raise ValueError("the checkpoint has no classifier head: pass num_classes= to build one")
     config = config_cls(**wanted)
-    model = MaskedAutoencoder(config) if config_cls is MAEConfig else VisionTransformer(config)
+    model = build_mae(config) if config_cls is MAEConfig else VisionTransformer(config)
     return model, source_grid
 
 

@@ -15,13 +15,13 @@ than by position (torch.distributed.checkpoint's "full state dict") for the same
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -31,8 +31,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from openmae.checkpoint.format import read_weights, save_checkpoint, unwrap_model
 from openmae.distributed import is_sharded
-from openmae.interop import load_checkpoint, save_checkpoint
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
 
@@ -128,11 +128,19 @@ def load_run_checkpoint(weights: str | Path, model: nn.Module) -> dict:
 
     A sharded model takes its shard of the whole weights (every rank calls; each reads the file).
     """
+    weights = Path(weights)
+    try:
+        saved = read_weights(weights).state
+        state = torch.load(state_path_for(weights), map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as error:  # empty, truncated, not ours
+        raise ValueError(f"cannot resume from {weights}: {type(error).__name__}: {error}") from error
     if is_sharded(model):
-        set_model_state_dict(model, load_file(weights), options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, saved, options=StateDictOptions(full_state_dict=True))
     else:
-        load_checkpoint(weights, model=model)
-    state = torch.load(state_path_for(weights), map_location="cpu", weights_only=True)
+        expected = unwrap_model(model).state_dict()
+        if set(saved) != set(expected) or any(saved[k].shape != v.shape for k, v in expected.items()):
+            raise ValueError(f"cannot resume from {weights}: it holds the weights of another model")
+        unwrap_model(model).load_state_dict(saved)
     set_rng_state(state.pop("rng"))
     return state
 

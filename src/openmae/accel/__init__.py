@@ -1,0 +1,130 @@
+"""Opt-in speed: faster attention kernels and bf16 GEMM paths, chosen by measuring them here.
+
+The model code (`openmae.models`) is plain PyTorch: attention is `scaled_dot_product_attention`,
+matrix products are whatever autocast runs. `Acceleration`, which the training loop builds for its
+device and precision, swaps in what measures faster on this machine for the shapes the run meets
+(`attention`, `gemm`, timed by `tuner`), and every path is tested against the plain one. A config
+section (`accel.attention`, `accel.gemm`) forces any one path; `sdpa` + `native` is the plain model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from openmae.accel.attention import ATTENTION_PATHS, TunedAttention
+from openmae.accel.gemm import GEMM_PATHS, Bf16Gemm
+from openmae.accel.tuner import Autotuner, default_cache_file
+from openmae.models.layers import Attention
+
+
+@dataclass
+class AccelConfig:
+    """How the training loop picks its fast paths."""
+
+    attention: str = field(
+        default="auto",
+        metadata={
+            "help": "attention kernel: auto (the fastest, measured per shape) | "
+            + " | ".join(ATTENTION_PATHS[1:])
+        },
+    )
+    gemm: str = field(
+        default="auto",
+        metadata={"help": "bf16 matrix products on the CPU: auto (measured per shape) | native | fp32"},
+    )
+    cache: bool = field(
+        default=True,
+        metadata={"help": "remember measured choices for this machine in $OPENMAE_CACHE_DIR/autotune.json"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_PATHS:
+            raise ValueError(
+                f"accel.attention must be one of {', '.join(ATTENTION_PATHS)}; got {self.attention!r}"
+            )
+        if self.gemm not in GEMM_PATHS:
+            raise ValueError(f"accel.gemm must be one of {', '.join(GEMM_PATHS)}; got {self.gemm!r}")
+
+
+class Acceleration:
+    """The fast paths of one run on one device and precision.
+
+    `install(model)` gives every openmae attention layer the tuned kernel; `step()` is the context
+    a training step (forward and backward) runs in: the bf16 GEMM mode for bf16 on a CPU, else
+    nothing. `state_dict()` holds the choices made, which a resumed run restores so that it
+    computes exactly as before.
+    """
+
+    def __init__(
+        self,
+        cfg: AccelConfig,
+        device: torch.device,
+        precision: str,
+        tuner: Autotuner | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.tuner = tuner or Autotuner(default_cache_file() if cfg.cache else None)
+        self.attention = TunedAttention(self.tuner, cfg.attention)
+        on_cpu_bf16 = precision == "bf16" and self.device.type == "cpu"
+        self.gemm = Bf16Gemm(self.tuner, cfg.gemm) if on_cpu_bf16 and cfg.gemm != "native" else None
+
+    def install(self, model: nn.Module) -> int:
+        """Set the tuned kernel on every openmae `Attention` of `model`; returns how many."""
+        layers = [m for m in model.modules() if isinstance(m, Attention)]
+        for layer in layers:
+            layer.kernel = self.attention
+        return len(layers)
+
+    def step(self) -> contextlib.AbstractContextManager:
+        """Enter around forward *and* backward."""
+        return self.gemm if self.gemm is not None else contextlib.nullcontext()
+
+    def report(self) -> list[str]:
+        """Lines on the choices measured since the last report: one per attention shape, one for
+        all the bf16 matrix products (what the chosen paths cost a step, against each path alone)."""
+        measured = self.tuner.take_measured()
+        lines = [
+            f"accel: attention {m.key}: {m.choice} ({_ranking(m.seconds)})"
+            for m in measured
+            if m.kind == "attention"
+        ]
+        gemms = [m for m in measured if m.kind == "bf16 gemm"]
+        if gemms:
+            counts = {name: sum(m.choice == name for m in gemms) for name in ("native", "fp32")}
+            cost = {name: sum(m.seconds[name] for m in gemms) for name in ("native", "fp32")}
+            chosen = sum(m.seconds[m.choice] for m in gemms)
+            lines.append(
+                f"accel: bf16 matrix products, {len(gemms)} shapes measured: native for {counts['native']}, "
+                f"fp32 for {counts['fp32']} (one run of each: {1e3 * chosen:.3g} ms as chosen, "
+                f"{1e3 * cost['native']:.3g} ms all native, {1e3 * cost['fp32']:.3g} ms all fp32)"
+            )
+        return lines
+
+    def state_dict(self) -> dict[str, str]:
+        return self.tuner.state_dict()
+
+    def load_state_dict(self, choices: dict[str, str]) -> None:
+        self.tuner.load_state_dict(choices)
+
+
+def _ranking(seconds: dict[str, float]) -> str:
+    return ", ".join(
+        f"{name} {1e3 * s:.3g} ms" for name, s in sorted(seconds.items(), key=lambda item: item[1])
+    )
+
+
+def uninstall(model: nn.Module) -> None:
+    """Put the plain SDPA kernel back on every attention layer of `model`."""
+    from openmae.models.layers import sdpa_attention
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.kernel = sdpa_attention
+
+
+__all__ = ["ATTENTION_PATHS", "GEMM_PATHS", "AccelConfig", "Acceleration", "Autotuner", "uninstall"]

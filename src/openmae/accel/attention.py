@@ -1,0 +1,92 @@
+"""Attention by the fastest kernel for each shape a run meets, or by the one a config forces.
+
+`TunedAttention` is set as `Attention.kernel` on every attention layer of a model. For each
+(device, dtype, qkv shape, with or without gradients) it times the candidate kernels of
+`openmae.accel.kernels`, forward and backward, on random inputs of that shape, and runs the
+fastest from then on. On a GPU there is one candidate, SDPA, which picks flash or memory-efficient
+kernels itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from openmae.accel.kernels import (
+    LOW_PRECISIONS,
+    eager_attention,
+    per_head_attention,
+    per_head_fp32_attention,
+    widened_flash_attention,
+)
+from openmae.accel.tuner import Autotuner, Candidates
+from openmae.models.layers import sdpa_attention
+
+KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "sdpa": sdpa_attention,
+    "per_head": per_head_attention,
+    "per_head_fp32": per_head_fp32_attention,
+    "eager": eager_attention,
+    "widened_flash": widened_flash_attention,
+}
+ATTENTION_PATHS = ("auto", *KERNELS)
+
+
+def candidates_for(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """The kernels worth timing for a device and dtype."""
+    if device.type != "cpu":
+        return ["sdpa"]
+    names = ["sdpa", "per_head", "eager"]
+    if dtype in LOW_PRECISIONS:  # widening to fp32 pays where low-precision products are slow
+        names += ["per_head_fp32", "widened_flash"]
+    return names
+
+
+class TunedAttention:
+    """An `Attention.kernel`: packed qkv `[B, N, 3, heads, head_dim]` -> `[B, N, heads, head_dim]`
+    by the kernel `path` names, or with `path="auto"` by the fastest for each shape."""
+
+    def __init__(self, tuner: Autotuner, path: str = "auto") -> None:
+        if path not in ATTENTION_PATHS:
+            raise ValueError(f"accel.attention must be one of {', '.join(ATTENTION_PATHS)}; got {path!r}")
+        self.tuner = tuner
+        self.path = path
+        self.chosen: dict[tuple, str] = {}  # per call signature: a dict lookup on the hot path
+
+    def __call__(self, qkv: torch.Tensor) -> torch.Tensor:
+        return KERNELS[self.kernel_for(qkv)](qkv)
+
+    def kernel_for(self, qkv: torch.Tensor) -> str:
+        if self.path != "auto":
+            return self.path
+        grad = torch.is_grad_enabled() and qkv.requires_grad
+        signature = (qkv.device, qkv.dtype, tuple(qkv.shape), grad)
+        name = self.chosen.get(signature)
+        if name is None:
+            names = candidates_for(qkv.device, qkv.dtype)
+            key = f"{qkv.device.type} {str(qkv.dtype).removeprefix('torch.')} {list(qkv.shape)}"
+            key += " fwd+bwd" if grad else " fwd"
+            name = self.tuner.choose("attention", key, lambda: timing_runs(names, qkv, grad))
+            self.chosen[signature] = name
+        return name
+
+
+def timing_runs(names: list[str], like: torch.Tensor, grad: bool) -> Candidates:
+    """One run per kernel, forward (and backward with `grad`), on random inputs shaped like `like`.
+
+    The inputs come from a private generator: timing draws nothing from the run's random streams.
+    """
+    generator = torch.Generator(like.device).manual_seed(0)
+    qkv = torch.randn(like.shape, generator=generator, device=like.device).to(like.dtype)
+    qkv.requires_grad_(grad)
+    grad_out = torch.randn(qkv.shape[:2] + qkv.shape[3:], generator=generator, device=like.device)
+    grad_out = grad_out.to(like.dtype)
+
+    def run(kernel: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        out = kernel(qkv)
+        if grad:
+            with torch.autocast(like.device.type, enabled=False):  # backward runs outside autocast
+                torch.autograd.grad(out, qkv, grad_out.to(out.dtype))
+
+    return {name: (lambda kernel=KERNELS[name]: run(kernel)) for name in names}

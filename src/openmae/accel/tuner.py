@@ -1,0 +1,163 @@
+"""Choosing an implementation by timing it, as cuDNN's benchmark mode does.
+
+The first time a kind of work meets a new key (attention of a given shape and dtype, a matrix
+product of given shapes), `Autotuner.choose` times every candidate on this machine, keeps the
+fastest and logs the choice once. Later calls with that key return the choice from memory.
+Choices can be written to a cache file keyed by the machine (CPU, threads, GPU, library versions),
+so the next run on the same machine starts with them, and they are saved with a run's checkpoints,
+so a resumed run computes exactly as it did before it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from openmae import hardware
+
+Candidates = dict[str, Callable[[], object]]  # name -> runs the work once
+Timer = Callable[[Candidates], dict[str, float]]  # -> seconds per run, per name
+
+BUDGET_S = 0.3  # timing budget per key; a candidate gets at least 3 timed runs whatever it costs
+
+
+def time_candidates(candidates: Candidates, budget_s: float = BUDGET_S) -> dict[str, float]:
+    """Best seconds per run of each candidate: one untimed run each, then rounds that run every
+    candidate once (so drift in the machine's speed is shared), until the budget is spent
+    (3 to 20 rounds). The minimum is the least noisy estimate of what a run costs."""
+    for run in candidates.values():
+        run()
+    best = dict.fromkeys(candidates, float("inf"))
+    started = time.perf_counter()
+    for round_ in range(20):
+        for name, run in candidates.items():
+            start = time.perf_counter()
+            run()
+            hardware.synchronize()
+            best[name] = min(best[name], time.perf_counter() - start)
+        if round_ >= 2 and time.perf_counter() - started > budget_s:
+            break
+    return best
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One timing: which candidate won for a key, and every candidate's seconds per run."""
+
+    kind: str
+    key: str
+    choice: str
+    seconds: dict[str, float]
+
+
+class Autotuner:
+    """Times candidates once per (kind, key) and remembers the fastest.
+
+    Args:
+        cache_file: JSON file of earlier choices on this machine (read now, updated on new choices);
+            None keeps choices in memory only.
+        timer: measures the candidates (`time_candidates`; tests pass a fake).
+
+    New measurements wait in `measured` until `take_measured` hands them to a report.
+    """
+
+    def __init__(self, cache_file: Path | None = None, timer: Timer = time_candidates) -> None:
+        self.cache_file = cache_file
+        self.timer = timer
+        self.choices: dict[str, str] = {}
+        self.measured: list[Measurement] = []
+        self.measurements = 0  # keys timed by this tuner (not found in memory or the cache)
+        if cache_file is not None:
+            self.choices.update(_read_cache(cache_file))
+
+    def choose(self, kind: str, key: str, candidates: Callable[[], Candidates]) -> str:
+        """The fastest candidate's name for `key`; `candidates` builds them only when timing is needed."""
+        entry = f"{kind}:{key}"
+        found = self.choices.get(entry)
+        if found is not None:
+            return found
+        built = candidates()
+        seconds = self.timer(built) if len(built) > 1 else dict.fromkeys(built, 0.0)
+        choice = min(seconds, key=seconds.get)
+        self.choices[entry] = choice
+        self.measurements += 1
+        self.measured.append(Measurement(kind, key, choice, seconds))
+        if self.cache_file is not None:
+            _write_cache(self.cache_file, {entry: choice})
+        return choice
+
+    def take_measured(self) -> list[Measurement]:
+        """The measurements made since the last call."""
+        taken, self.measured = self.measured, []
+        return taken
+
+    def state_dict(self) -> dict[str, str]:
+        return dict(self.choices)
+
+    def load_state_dict(self, choices: dict[str, str]) -> None:
+        """Restore choices (a resumed run's): they win over the cache file's."""
+        self.choices.update(choices)
+
+
+# ------------------------------------------------------------------------------------------------
+# The cache file: one section per machine fingerprint.
+
+
+def machine_fingerprint() -> str:
+    """What decides which implementation is fastest: the CPU and its flags, the threads, the GPU,
+    and the versions of torch and openmae."""
+    parts = [
+        hardware.cpu_name(),
+        ",".join(hardware.cpu_flags()),
+        f"threads={torch.get_num_threads()}",
+        torch.cuda.get_device_name() if hardware.cuda_available() else "no-cuda",
+        f"torch={torch.__version__}",
+        f"openmae={_version('openmae')}",
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def default_cache_file() -> Path:
+    """`$OPENMAE_CACHE_DIR/autotune.json`, by default under `~/.cache/openmae`."""
+    folder = Path(os.environ.get("OPENMAE_CACHE_DIR", Path.home() / ".cache" / "openmae"))
+    return folder / "autotune.json"
+
+
+def _read_cache(path: Path) -> dict[str, str]:
+    try:
+        return dict(json.loads(path.read_text()).get(machine_fingerprint(), {}))
+    except (OSError, ValueError, AttributeError):  # missing, unreadable or damaged: start afresh
+        return {}
+
+
+def _write_cache(path: Path, new: dict[str, str]) -> None:
+    """Merge `new` into this machine's section; a cache that cannot be written is skipped."""
+    try:
+        everything = json.loads(path.read_text()) if path.exists() else {}
+        if not isinstance(everything, dict):
+            everything = {}
+    except (OSError, ValueError):
+        everything = {}
+    everything.setdefault(machine_fingerprint(), {}).update(new)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(everything, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
