@@ -7,13 +7,15 @@ test can tell a finished run from one that crashed, whatever the launcher's exit
 
 With `CHECK_COLLECTIVES=1` in the environment each rank then also runs the evaluation helpers of
 `openmae.distributed` on a small index set, in the run's process group, and writes what it got to
-`<output_dir>/collectives-rank<R>.json`.
+`<output_dir>/collectives-rank<R>.json`. With `START_METHOD=spawn` (or `fork`, `forkserver`) the
+data-loading workers start that way instead of the platform's default.
 
 Ranks share one stdout: every marker goes out in a single `write` (atomic on a pipe), as a `print`
 of text and newline is two writes that another rank's output can land between.
 """
 
 import json
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -55,6 +57,8 @@ def run_cli(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("START_METHOD"):
+        multiprocessing.set_start_method(os.environ["START_METHOD"])
     code = run_cli(sys.argv[1:])
     if code == 0 and os.environ.get("CHECK_COLLECTIVES") == "1":
         code = check_collectives(output_dir(sys.argv[1:]))

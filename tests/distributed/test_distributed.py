@@ -1,5 +1,5 @@
-"""Scale-out: torchrun DDP and FSDP on CPU (gloo), checkpoints across world sizes, fail-fast, SIGTERM,
-evaluation over every rank.
+"""Scale-out: torchrun DDP and FSDP on CPU (gloo), checkpoints across world sizes, fail-fast, SIGTERM
+and Ctrl-C, evaluation over every rank.
 
 Real torchrun launches of `mae pretrain | linprobe | finetune | knn` on the debug model and synthetic
 images, compared with single-process runs of the same global batch. A launch counts as finished
@@ -8,6 +8,7 @@ and then aborts at exit ("terminate called without an active exception") after i
 that abort alone is tolerated, and a launch that hit it before finishing is retried once.
 """
 
+import ast
 import json
 import os
 import re
@@ -32,9 +33,13 @@ from openmae.distributed import (
     GlobalBatchNorm,
     GracefulStop,
     ShardedEvalSampler,
+    is_sharded,
     resolve_device,
+    shard_model,
     use_global_batch_norm,
 )
+from openmae.models.layers import Block
+from openmae.recipes.classify import build_classifier
 from openmae.recipes.knn import KnnMonitor
 from openmae.recipes.pretrain import PretrainConfig, PretrainTask, pretrain
 
@@ -138,6 +143,11 @@ def start_endless(out_dir: Path) -> subprocess.Popen:
         text=True,
         env=worker_env(),
     )
+    return wait_for_training(proc, out_dir)
+
+
+def wait_for_training(proc: subprocess.Popen, out_dir: Path) -> subprocess.Popen:
+    """`proc` once its run has logged a step to `out_dir`; a failed test if it ends or stalls before."""
     metrics = out_dir / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and metrics.stat().st_size > 0):
@@ -230,6 +240,44 @@ def test_global_batch_norm_keeps_parameters_buffers_and_keys_and_is_batch_norm_i
     assert torch.allclose(model(x), plain(x)) and torch.allclose(norm.running_var, plain[1][0].running_var)
 
 
+def test_distributed_does_not_know_the_models():
+    # The layers go one way: models know nothing of scale-out, and scale-out nothing of the models.
+    package = Path(openmae.distributed.__file__).parent
+    imported = set()
+    for source in package.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    ours = {name for name in imported if name.split(".")[0] == "openmae"}
+    assert "openmae.distributed.process" in ours  # the scan sees the package's own imports
+    assert not {name for name in ours if name.startswith(("openmae.models", "openmae.engine"))}, ours
+
+
+@pytest.fixture
+def one_process_group():
+    """A process group of one (gloo, in this process), for what needs one but no peers."""
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=torch.distributed.HashStore())
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp_gathers_each_transformer_block_of_the_mae_and_the_classifier(one_process_group):
+    mae = openmae.create_model("mae_vit_debug")
+    classifier = build_classifier(mae, num_classes=3, global_pool="avg", probe=False)
+    for model in (mae, classifier):
+        blocks = [module for module in model.modules() if isinstance(module, Block)]
+        assert len(blocks) == model.config.depth + getattr(model.config, "decoder_depth", 0)
+        optimizer = torch.optim.AdamW(model.parameters())
+        before = [id(p) for p in model.parameters()]
+        assert shard_model(model, optimizer, torch.device("cpu")) is model and is_sharded(model)
+        wrapped = [module for module in model.modules() if type(module).__name__.startswith("FSDP")]
+        assert wrapped == [model, *blocks]  # each block a unit of its own, the rest in the root's
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        assert [id(p) for p in params] == [id(p) for p in model.parameters()] != before  # the shards
+
+
 def test_graceful_stop_turns_sigterm_into_a_request_and_then_gives_it_back():
     previous = signal.getsignal(signal.SIGTERM)
     with GracefulStop() as stop:
@@ -261,6 +309,73 @@ def test_sigterm_in_a_single_process_run_stops_it_with_a_checkpoint(tmp_path, mo
     state = torch.load(str(weights).replace(".safetensors", ".state.pt"), weights_only=True)
     assert state["progress"]["step"] == 2 and state["optimizer"]["state"]
     assert signal.getsignal(signal.SIGTERM) == previous  # the usual handling is back after the run
+
+
+def test_graceful_stop_turns_sigint_into_a_request_and_a_second_one_into_keyboard_interrupt():
+    previous = signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+        time.sleep(0.01)
+        assert stop.requested and stop.received == signal.SIGINT and stop.received.name == "SIGINT"
+        os.kill(os.getpid(), signal.SIGTERM)  # another signal while stopping changes nothing
+        time.sleep(0.01)
+        assert stop.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C again: stop now
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGINT) == previous
+
+
+def test_sigint_in_a_single_process_run_stops_it_with_a_checkpoint_that_resumes_exactly(
+    tmp_path, monkeypatch, capsys, single
+):
+    previous = signal.getsignal(signal.SIGINT)
+    calls = []
+    loss_of_batch = PretrainTask.__call__
+
+    def interrupted_on_the_third_step(self, model, batch, device):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends
+        return loss_of_batch(self, model, batch, device)
+
+    monkeypatch.setattr(PretrainTask, "__call__", interrupted_on_the_third_step)
+    run = tmp_path / "run"
+    assert run_single(run, "batch_size=8").progress.step == 3  # the step under way is finished
+    out = capsys.readouterr().out
+    assert "stopped by SIGINT at step 3" in out and "resume=auto" in out, out
+    at_stop = load_file(checkpoint(run, 3))
+    assert not checkpoint(run, 8).exists()
+    assert signal.getsignal(signal.SIGINT) == previous  # Ctrl-C ends the process again after the run
+    monkeypatch.undo()
+    resumed = run_single(run, "batch_size=8", "resume=auto")
+    assert resumed.progress.step == 8
+    full = single["full"]
+    assert max_difference(load_file(resumed.weights), load_file(full.weights)) == 0  # bit for bit
+    assert max_difference(at_stop, load_file(full.weights)) > 0  # the comparison can fail
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_ctrl_c_in_a_terminal_stops_a_run_with_loader_workers_cleanly(tmp_path, start_method):
+    # Ctrl-C signals the terminal's whole foreground group: the run and its data-loading workers.
+    # Forked workers inherit the run's handlers, spawned ones (the default on macOS) Python's.
+    out_dir = tmp_path / "interrupted"
+    # Many micro-steps a step: the stop comes while the step still needs batches from the workers.
+    args = [*ENDLESS, "batch_size=2", "accum_iter=8", f"output_dir={out_dir}"]
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), "pretrain", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env={**worker_env(), "START_METHOD": start_method},
+        start_new_session=True,  # a group of its own, as a shell gives a foreground job
+    )  # fmt: skip
+    wait_for_training(proc, out_dir)
+    os.killpg(proc.pid, signal.SIGINT)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0 and finished_ranks(output) == {0}, output[-6000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-6000:]
+    step = int(re.search(r"stopped by SIGINT at step (\d+)", output).group(1))
+    state = torch.load(str(checkpoint(out_dir, step)).replace(".safetensors", ".state.pt"), weights_only=True)
+    assert state["progress"]["step"] == step < 1000 * 4  # 64 images, 16 a step
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,15 +441,16 @@ def test_fsdp_resumes_a_one_process_checkpoint_and_writes_one_that_loads_anywher
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_sigterm_to_torchrun_stops_every_rank_with_a_loadable_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_to_torchrun_stops_every_rank_with_a_loadable_checkpoint(tmp_path, sig):
     out_dir = tmp_path / "preempted"
     proc = start_endless(out_dir)
     signalled = time.monotonic()
-    proc.send_signal(signal.SIGTERM)  # as a scheduler does; torchrun forwards it to the ranks
+    proc.send_signal(sig)  # as a scheduler (or Ctrl-C) does; torchrun forwards it to the ranks
     output = proc.communicate(timeout=120)[0]
     assert time.monotonic() - signalled < 60, output[-4000:]  # a step, a checkpoint and the exit
     assert finished_ranks(output) == {0, 1}, output[-6000:]  # both ranks returned normally
-    match = re.search(r"stopped by SIGTERM at step (\d+)", output)
+    match = re.search(rf"stopped by {sig.name} at step (\d+)", output)
     assert match, output[-6000:]
     step = int(match.group(1))
     weights = checkpoint(out_dir, step)
