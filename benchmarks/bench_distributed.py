@@ -273,7 +273,7 @@ def write_results(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--parts", nargs="+", default=["speed", "memory"], choices=["speed", "memory"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per speed measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements of each speed setup")

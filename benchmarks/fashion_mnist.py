@@ -235,7 +235,7 @@ def write_table(path: Path, rows: list[Row], budget: Budget, header: dict, finis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="subsets and a few steps, to check the wiring")
     parser.add_argument("--work-dir", default=None, help="where runs go (default: under /tmp)")
     parser.add_argument("--out", default=None, help="markdown file to write")

@@ -28,8 +28,9 @@ def test_pretrain_on_an_image_folder_writes_checkpoint_config_metrics_and_counts
     write_images(tmp_path / "images", 10)
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match="broken.png|empty.jpg"):
+        tiny = [arg for arg in TINY if not arg.startswith("batch_size=")]  # a key is given once
         code = main(
-            ["pretrain", *TINY, f"data.path={tmp_path / 'images'}", f"output_dir={out}", "batch_size=6"]
+            ["pretrain", *tiny, f"data.path={tmp_path / 'images'}", f"output_dir={out}", "batch_size=6"]
         )
     assert code == 0
     assert (out / "model.safetensors").exists() and (out / "config.yaml").exists()
@@ -136,3 +137,73 @@ def test_stats_prints_mean_and_std_of_a_folder(tmp_path, capsys):
     assert main(["stats", f"path={folder}", "num_workers=0"]) == 0
     out = capsys.readouterr().out
     assert "data.mean=[0.5000, 0.5000, 0.5000]" in out and "data.std=[0.5000, 0.5000, 0.5000]" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["pretrain", "--epoch", "3"],
+            "mae pretrain: error: unknown option '--epoch' (did you mean '--epochs'?)",
+        ),
+        (["stats", "--max", "3"], "mae stats: error: unknown option '--max' (did you mean '--max-images'?)"),
+        (
+            ["visualize", "--checkpoint", "c", "--mask", "0.5"],
+            "mae visualize: error: unknown option '--mask' (did you mean '--mask-ratio'?)",
+        ),
+        (["bench", "--step", "1"], "mae bench: error: unknown option '--step' (did you mean '--steps'?)"),
+        (["demo", "--test-image", "8"], "did you mean '--test-images'?"),
+        (["models", "--al"], "mae models: error: unknown option '--al'"),
+        (["--hepl"], "mae: error: unknown option '--hepl' (did you mean '--help'?)"),
+        (["pretrian"], "mae: error: argument COMMAND: invalid choice: 'pretrian'"),
+    ],
+)
+def test_abbreviated_or_unknown_options_are_one_line_errors_with_the_option_meant(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pretrain", "--epochs", "2", "epochs=1"],
+        ["pretrain", "epochs=1", "--batch_size", "4", "epochs=2"],
+        ["demo", "epochs=1", "epochs=2"],
+    ],
+)
+def test_a_key_given_twice_on_the_command_line_is_an_error(tmp_path, capsys, argv):
+    out = tmp_path / "run"
+    assert main([*argv, f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "config key 'epochs' is given twice on the command line" in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_pretrain_on_rectangular_images_from_the_command_line(tmp_path):
+    from openmae import load_checkpoint
+
+    out = tmp_path / "run"
+    data = ["data.dataset=synthetic", "data.synthetic_size=8"]
+    assert main(["pretrain", *TINY, "img_size=[32,48]", *data, f"output_dir={out}"]) == 0
+    model = load_checkpoint(out / "model.safetensors")
+    assert model.config.img_size == (32, 48) and model.grid_size == (4, 6)  # patch 8: a 4x6 grid
+
+
+@pytest.mark.parametrize(
+    ("command", "cls_path"),
+    [("stats", "openmae.data:DataConfig"), ("pretrain", "openmae.recipes.pretrain:PretrainConfig")],
+)
+def test_help_example_override_is_a_key_the_command_accepts(capsys, command, cls_path):
+    import importlib
+
+    from openmae.config import load_config
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    example = text.split("config overrides with dotted keys, e.g. ", 1)[1].split()[0]
+    module, name = cls_path.split(":")
+    load_config(getattr(importlib.import_module(module), name), None, [example])  # no ConfigError
+    if command == "stats":
+        assert example == "dataset=folder" and "data.path" not in text

@@ -17,7 +17,6 @@ from openmae.config import (
     config_from_args,
     config_from_dict,
     config_to_dict,
-    diff_from_defaults,
     load_config,
     parse_config_cli,
     save_config,
@@ -229,19 +228,6 @@ def test_save_and_load_round_trip(tmp_path):
     assert config_from_dict(RunCfg, config_to_dict(cfg)) == cfg
 
 
-def test_diff_from_defaults_keeps_only_changed_leaves(tmp_path):
-    cfg = load_config(
-        RunCfg, None, ["epochs=3", "optim.lr=1e-3", "optim.weight_decay=0.1", "data.hflip=false"]
-    )
-    diff = diff_from_defaults(cfg)
-    assert diff == {"epochs": 3, "optim": {"lr": 1e-3}, "data": {"hflip": False}}
-    assert diff_from_defaults(RunCfg()) == {}
-    path = tmp_path / "minimal.yaml"
-    path.write_text(yaml.safe_dump(diff))
-    assert load_config(RunCfg, path) == cfg
-    assert diff_from_defaults(NeedsName(name="x")) == {"name": "x"}  # required fields are always kept
-
-
 def help_text(parser: argparse.ArgumentParser) -> str:
     return " ".join(parser.format_help().split())  # undo argparse's line wrapping
 
@@ -266,7 +252,8 @@ def test_help_lists_every_leaf_option_with_its_default():
         "optim.warmup_epochs": "40.0",
         "optim.clip_grad": "null",
     }
-    section = text.split("RunCfg options (also as key=value):", 1)[1]  # after the usage line
+    section = text.split("RunCfg options (also as key=value):", 1)[1]  # after the usage line ...
+    section = section.split("Precedence:", 1)[0]  # ... and before the epilog
     assert set(re.findall(r"--([\w.]+)", section)) == set(leaves)
     for key, default in leaves.items():
         entry = section.split(f"--{key} ", 1)[1].split(" --", 1)[0]
@@ -277,25 +264,16 @@ def test_help_lists_every_leaf_option_with_its_default():
     assert "--config FILE" in text and "KEY=VALUE" in text
 
 
-def test_cli_precedence_yaml_then_options_then_key_value(tmp_path):
+def test_cli_precedence_defaults_then_yaml_then_command_line(tmp_path):
     path = write_yaml(tmp_path, "epochs: 50\nmodel: from_yaml\noptim:\n  lr: 1e-4\n")
-    argv = [
-        "--config",
-        str(path),
-        "--epochs",
-        "7",
-        "optim.lr=3e-3",
-        "--optim.lr",
-        "2e-3",
-        "epochs=9",
-        "seed_free=no",
-    ]
+    argv = ["--config", str(path), "--epochs", "7", "optim.lr=3e-3", "data.hflip=no", "seed_free=no"]
     with pytest.raises(ConfigError, match="unknown config key 'seed_free'"):
         parse_config_cli(RunCfg, argv)
     cfg = parse_config_cli(RunCfg, argv[:-1])
     assert cfg.model == "from_yaml"  # YAML over default
-    assert cfg.epochs == 9  # key=value over --epochs over YAML
-    assert cfg.optim.lr == 3e-3  # key=value over --optim.lr, whatever the order on the line
+    assert cfg.epochs == 7  # --epochs over YAML
+    assert cfg.optim.lr == 3e-3  # key=value over YAML
+    assert cfg.data.hflip is False and cfg.optim.weight_decay == 0.1  # the rest: defaults
     cfg = parse_config_cli(RunCfg, ["--config", str(path), "--data.crop_scale", "0.3,1", "--compile", "true"])
     assert cfg.epochs == 50 and cfg.data.crop_scale == (0.3, 1.0) and cfg.compile is True
 
@@ -317,3 +295,66 @@ def test_cli_unknown_option_suggests_the_closest():
         parse_config_cli(RunCfg, ["--optim.weight_decy", "0.1"])
     with pytest.raises(ConfigError, match="config key 'epochs' expects int, got 'ten'"):
         parse_config_cli(RunCfg, ["--epochs", "ten"])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--epochs", "7", "epochs=9"],
+        ["epochs=9", "--optim.lr", "1e-3", "--epochs", "7"],  # whatever the order on the line
+        ["epochs=7", "epochs=9"],
+        ["--epochs", "7", "--epochs=9"],
+    ],
+)
+def test_cli_a_key_given_twice_is_an_error_naming_it_and_both_values(argv):
+    with pytest.raises(ConfigError) as info:
+        parse_config_cli(RunCfg, argv)
+    message = str(info.value)
+    assert message.startswith("config key 'epochs' is given twice on the command line: ")
+    assert "'7'" in message and "'9'" in message and len(message.splitlines()) == 1
+    with pytest.raises(ConfigError, match="'data.path' is given twice"):  # even with the same value
+        parse_config_cli(RunCfg, ["--data.path", "/x", "data.path=/x"])
+
+
+def test_cli_options_match_whole_names_only():
+    with pytest.raises(ConfigError, match=re.escape("unknown option '--epoch' (did you mean '--epochs'?)")):
+        parse_config_cli(RunCfg, ["--epoch", "3"])
+    abbreviated = "unknown option '--optim.war' (did you mean '--optim.warmup_epochs'?)"
+    with pytest.raises(ConfigError, match=re.escape(abbreviated)):
+        parse_config_cli(RunCfg, ["--optim.war=3"])
+    # Also on a parser the caller made with argparse's default (prefix matching on).
+    parser = add_config_arguments(argparse.ArgumentParser(), RunCfg)
+    namespace, extra = parser.parse_known_args(["--epoch", "3"])
+    assert not hasattr(namespace, "epochs")
+    with pytest.raises(ConfigError, match="did you mean '--epochs'"):
+        config_from_args(RunCfg, namespace, extra)
+
+
+def test_help_states_the_precedence_and_an_example_key_of_the_class():
+    text = help_text(add_config_arguments(argparse.ArgumentParser(), RunCfg))
+    assert "Precedence: the defaults, then the YAML file of --config, then the command line." in text
+    assert "giving a key twice is an error" in text
+    assert "e.g. model=mae_vit_debug" in text  # RunCfg's first str field, with its default
+    # A section's class alone has no `data.` prefix: the example is its own key.
+    assert "e.g. path=/data/train" in help_text(add_config_arguments(argparse.ArgumentParser(), DataCfg))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["img_size=[32,48]"], (32, 48)),
+        (["img_size=32,48"], (32, 48)),
+        (["--img_size", "32,48"], (32, 48)),
+        (["img_size=32"], 32),
+        (["img_size=null"], None),
+    ],
+)
+def test_recipe_configs_take_rectangular_image_sizes(argv, expected):
+    from openmae.recipes.classify import LinprobeConfig
+    from openmae.recipes.evaluate import EvalConfig
+    from openmae.recipes.pretrain import PretrainConfig
+
+    for cls, required in [(PretrainConfig, []), (LinprobeConfig, []), (EvalConfig, ["checkpoint=c"])]:
+        assert parse_config_cli(cls, [*argv, *required]).img_size == expected, cls.__name__
+    with pytest.raises(ConfigError, match=re.escape("'img_size' expects int | tuple[int, int] | None")):
+        parse_config_cli(PretrainConfig, ["img_size=32,48,64"])

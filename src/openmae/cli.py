@@ -1,8 +1,9 @@
 """The `mae` command: `mae pretrain | demo | visualize | stats | models | bench ...`.
 
-Training commands take their whole configuration from a dataclass: `--config FILE` (a path or a
-shipped config's name), then `--key value` options, then `key=value` overrides. Bad input gives a
-one-line error and exit code 2, before anything is written.
+Training commands take their whole configuration from a dataclass: the defaults, then `--config FILE`
+(a path or a shipped config's name), then the command line, where each key is given once, as
+`--key value` or as `key=value` (see `openmae.config`). Options match by their whole name only. Bad
+input, an unknown option included, gives a one-line error and exit code 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from openmae.config.cli import CommandParser
 from openmae.configs import list_shipped_configs, shipped_config
 from openmae.errors import UsageError
 
@@ -28,7 +30,7 @@ def command(name: str, help: str):
 
 
 def _parser(name: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
+    return CommandParser(
         prog=f"mae {name}", description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
 
@@ -48,12 +50,14 @@ def pretrain_command(argv: list[str]) -> int:
 
 @command("demo", "pretrain a small MAE on Fashion-MNIST on the CPU (~10 min) and score it")
 def demo_command(argv: list[str]) -> int:
+    from openmae.config.cli import reject_repeated_keys
     from openmae.recipes.demo import demo
 
     parser = _parser("demo", "Fashion-MNIST demo; overrides as key=value change the shipped demo.yaml.")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="changes to the demo config")
     parser.add_argument("--test-images", type=int, default=2000, help="held-out test images to score")
     args = parser.parse_args(argv)
+    reject_repeated_keys(args.overrides)
     demo(args.overrides, test_images=args.test_images)
     return 0
 
@@ -195,19 +199,24 @@ def eval_command(argv: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(prog="mae", description="Masked autoencoders for vision transformers.")
+    name = argv[0] if argv else None
+    prog = f"mae {name}" if name in COMMANDS else "mae"
+    try:
+        if name not in COMMANDS:
+            _top_parser().parse_args(argv[:1] or ["--help"])  # help, or an error naming the choices
+            return 0
+        return COMMANDS[name][1](argv[1:])
+    except UsageError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    top = CommandParser(prog="mae", description="Masked autoencoders for vision transformers.")
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, _) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        top.parse_args(argv[:1] or ["--help"])
-        return 0
-    name, rest = argv[0], argv[1:]
-    try:
-        return COMMANDS[name][1](rest)
-    except UsageError as error:
-        print(f"mae {name}: error: {error}", file=sys.stderr)
-        return 2
+    return top
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ from openmae.cli import main
 from openmae.interop import load_checkpoint, save_checkpoint
 
 DATA = ["data.dataset=synthetic", "data.synthetic_size=32", "data.num_workers=0", "device=cpu"]
-TRAIN = [*DATA, "epochs=2", "batch_size=8", "log_every=1", "optim.warmup_epochs=0.5"]
+SCHEDULE = ["batch_size=8", "log_every=1", "optim.warmup_epochs=0.5"]
+TRAIN = [*DATA, "epochs=2", *SCHEDULE]
+TRAIN_1_EPOCH = [*DATA, "epochs=1", *SCHEDULE]  # the command line gives each key once
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_linprobe_leaves_every_encoder_weight_unchanged_and_writes_a_plain_class
 
 def test_eval_scores_a_saved_classifier_as_the_run_did(tmp_path, mae_checkpoint, capsys):
     out = tmp_path / "lp"
-    assert main(["linprobe", *TRAIN, "epochs=1", f"checkpoint={mae_checkpoint}", f"output_dir={out}"]) == 0
+    assert main(["linprobe", *TRAIN_1_EPOCH, f"checkpoint={mae_checkpoint}", f"output_dir={out}"]) == 0
     final = json.loads((out / "results.json").read_text())["final"]
     scores = tmp_path / "eval.json"
     assert main(["eval", *DATA, f"checkpoint={out / 'model.safetensors'}", f"output={scores}"]) == 0
@@ -103,8 +105,7 @@ def test_finetune_with_mixup_trains_every_block_and_keeps_the_best_checkpoint(tm
 def test_partial_finetune_updates_only_the_last_block(tmp_path, mae_checkpoint):
     out = tmp_path / "partial"
     args = [
-        *TRAIN,
-        "epochs=1",
+        *TRAIN_1_EPOCH,
         f"checkpoint={mae_checkpoint}",
         f"output_dir={out}",
         "trainable_blocks=1",

@@ -11,12 +11,13 @@ import torch
 from openmae.bench.engines import DEFAULT_PEERS, ENGINES, engine_spec
 from openmae.bench.report import write_results
 from openmae.bench.run import BENCH_PRECISIONS, BenchOptions, custom_config, log, named_configs, run_benchmark
+from openmae.config.cli import CommandParser
 from openmae.errors import UsageError
 from openmae.extras import require
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="mae bench",
         description="Time MAE pretraining steps (forward, backward, optimizer) against HuggingFace ViTMAE "
         "and the mask-tokens-in-encoder baseline; write pretrain_speed.md and .jsonl.",

@@ -89,7 +89,10 @@ def _from_state_dict(obj: object, origin: str) -> Checkpoint:
 
 
 def load_encoder(
-    checkpoint: str | None, model: str | None, num_heads: int | None = None, img_size: int | None = None
+    checkpoint: str | None,
+    model: str | None,
+    num_heads: int | None = None,
+    img_size: int | tuple[int, int] | None = None,
 ) -> VisionTransformer:
     """The encoder of `checkpoint` (any format), or a random one of the named size `model`."""
     if checkpoint is None or checkpoint.lower() == "none":

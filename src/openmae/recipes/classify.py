@@ -50,7 +50,9 @@ class ClassifyConfig(TrainConfig):
     num_heads: int | None = field(
         default=None, metadata={"help": "attention heads, for reference / timm files that do not store it"}
     )
-    img_size: int | None = field(default=None, metadata={"help": "image side (None: the checkpoint's)"})
+    img_size: int | tuple[int, int] | None = field(
+        default=None, metadata={"help": "image side, or height,width (None: the checkpoint's)"}
+    )
     num_classes: int | None = field(default=None, metadata={"help": "classes (None: the dataset's)"})
     global_pool: GlobalPool = field(
         default="token", metadata={"help": "token (cls) | avg (mean of patch tokens)"}

@@ -28,7 +28,9 @@ class EvalConfig:
     num_heads: int | None = field(
         default=None, metadata={"help": "attention heads, for files that do not store it"}
     )
-    img_size: int | None = field(default=None, metadata={"help": "image side (None: the checkpoint's)"})
+    img_size: int | tuple[int, int] | None = field(
+        default=None, metadata={"help": "image side, or height,width (None: the checkpoint's)"}
+    )
     batch_size: int = field(default=256, metadata={"help": "images per batch"})
     max_images: int | None = field(default=None, metadata={"help": "score only the first N images"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})

@@ -40,7 +40,9 @@ class KnnConfig:
     num_heads: int | None = field(
         default=None, metadata={"help": "attention heads, for files that do not store it"}
     )
-    img_size: int | None = field(default=None, metadata={"help": "image side (None: the checkpoint's)"})
+    img_size: int | tuple[int, int] | None = field(
+        default=None, metadata={"help": "image side, or height,width (None: the checkpoint's)"}
+    )
     k: int = field(default=20, metadata={"help": "neighbours that vote"})
     temperature: float = field(default=0.07, metadata={"help": "votes weigh exp(cosine / temperature)"})
     pool: GlobalPool = field(default="token", metadata={"help": "token (cls) | avg (mean of patch tokens)"})

@@ -27,7 +27,9 @@ from openmae.recipes.runs import checked, join_run, open_run, resume_point
 @dataclass
 class PretrainConfig(TrainConfig):
     model: str = field(default="mae_vit_base_patch16", metadata={"help": "named model size (mae models)"})
-    img_size: int | None = field(default=None, metadata={"help": "image side (None: the model's)"})
+    img_size: int | tuple[int, int] | None = field(
+        default=None, metadata={"help": "image side, or height,width (None: the model's)"}
+    )
     in_chans: int | None = field(default=None, metadata={"help": "input channels (None: the model's)"})
     mask_ratio: float = field(default=0.75, metadata={"help": "share of patches hidden from the encoder"})
     mask_sampling: str = field(default="random", metadata={"help": "random | block | grid"})
