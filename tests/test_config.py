@@ -350,8 +350,8 @@ def test_help_states_the_precedence_and_an_example_key_of_the_class():
     ],
 )
 def test_recipe_configs_take_rectangular_image_sizes(argv, expected):
-    from openmae.recipes.classify import LinprobeConfig
     from openmae.recipes.evaluate import EvalConfig
+    from openmae.recipes.linprobe import LinprobeConfig
     from openmae.recipes.pretrain import PretrainConfig
 
     for cls, required in [(PretrainConfig, []), (LinprobeConfig, []), (EvalConfig, ["checkpoint=c"])]:

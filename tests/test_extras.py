@@ -41,7 +41,7 @@ def test_hf_export_without_transformers_is_a_one_line_error(monkeypatch):
 def test_bench_without_transformers_is_a_one_line_error_with_exit_code_2(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "transformers", None)
     argv = ["bench", "--model", "mae_vit_debug", "--batch", "2", "--precisions", "fp32",
-            "--peers", "hf_eager", "--in-process", "--no-data", "--no-profile",
+            "--peers", "hf_eager", "--in-process", "--no-profile",
             "--steps", "1", "--warmup", "1", "--repeats", "1",
             "--peak-size", "64", "--out", str(tmp_path / "out")]  # fmt: skip
     assert main(argv) == 2
@@ -51,7 +51,7 @@ def test_bench_without_transformers_is_a_one_line_error_with_exit_code_2(monkeyp
 
 
 def test_sample_photos_without_scikit_image_name_the_extra(monkeypatch):
-    from openmae.bench.data import sample_photos
+    from openmae.data.samples import sample_photos
 
     monkeypatch.setitem(sys.modules, "skimage", None)
     with pytest.raises(MissingExtraError, match=r"openmae\[photos\]"):

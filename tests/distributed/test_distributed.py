@@ -59,7 +59,7 @@ TINY = [
     "device=cpu",
 ]
 # A run far too long to finish, for the tests that interrupt one.
-ENDLESS = [*TINY[:2], "data.synthetic_size=64", "data.num_workers=1", "epochs=1000", "batch_size=4"]
+ENDLESS = [*TINY[:2], "data.synthetic_size=64", "data.num_workers=1", "epochs=1000"]
 ENDLESS += TINY[5:]
 # Classification and k-NN on a random debug encoder (seeded: the same on every rank) and 37 synthetic
 # images a split: the shards of each split (19 + 18) differ in length.
@@ -137,7 +137,7 @@ def launch(nproc: int, args: list[str], out_dir: Path | None = None, seeds=(), e
 def start_endless(out_dir: Path) -> subprocess.Popen:
     """A 2-process run that trains until stopped; returns once rank 0 has logged a step."""
     proc = subprocess.Popen(
-        torchrun_command(2, ["pretrain", *ENDLESS, f"output_dir={out_dir}"]),
+        torchrun_command(2, ["pretrain", *ENDLESS, "batch_size=4", f"output_dir={out_dir}"]),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -390,7 +390,7 @@ def test_ddp_matches_one_process_and_its_checkpoint_resumes_in_one_process(tmp_p
     knn = ["knn_every=1", "knn_images=13"]  # at the end of epoch 1 (step 4): shards of 7 and 6 images
     args = ["pretrain", *TINY, *knn, "batch_size=4", "max_steps=4", f"output_dir={ddp}"]
     out = launch(2, args, ddp, env={"CHECK_COLLECTIVES": "1"}).output
-    assert "effective batch 8 -> lr" in out and out.count("effective batch") == 1, out  # rank 1 is quiet
+    assert "effective batch 8 / 256" in out and out.count("effective batch") == 1, out  # rank 1 is quiet
     full = single["full"]
     two, one = load_file(checkpoint(ddp, 4)), load_file(checkpoint(full.output_dir, 4))
     assert (difference := max_difference(two, one)) < ATOL, difference
@@ -502,7 +502,7 @@ def test_finetune_under_torchrun_scores_every_validation_image_once_and_rank_0_a
     args = ["finetune", *CLASSIFY, "epochs=1", "batch_size=4", "eval_batch_size=8", f"output_dir={out}"]
     output = launch(2, args, out).output
     # Rank 0's first and last lines, nothing from rank 1.
-    assert output.count("finetune: ") == 2, output[-6000:]
+    assert output.count("finetune: ") == 3, output[-6000:]  # lr, parameters, result
     assert output.count("trainable parameters") == 1 and output.count("finetune: val top-1") == 1
     results = json.loads((out / "results.json").read_text())
     assert results["final"]["count"] == 37 and results["final"]["epoch"] == 1  # 19 + 18 images, once each

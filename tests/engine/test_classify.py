@@ -4,15 +4,10 @@ import pytest
 import torch
 
 from openmae import create_model
-from openmae.engine.classify import (
-    ClassifyTask,
-    LinearProbe,
-    build_criterion,
-    build_lars,
-    build_mixup,
-    train_only_last_blocks,
-)
+from openmae.engine.classify import build_criterion, build_lars, build_mixup, train_only_last_blocks
 from openmae.engine.optim import OptimConfig, build_optimizer, set_lr
+from openmae.engine.tasks import ClassifyTask
+from openmae.models.probe import LinearProbe
 from openmae.models.vit import VisionTransformer
 
 

@@ -8,8 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from openmae.config import load_config
+from openmae.engine import budget as budget_module
 from openmae.engine import loop
-from openmae.engine.loop import Progress, Trainer
+from openmae.engine.budget import TimeBudget
+from openmae.models.mae import MaskedAutoencoder
 from openmae.recipes.pretrain import PretrainConfig, pretrain
 
 TINY_RUN = [
@@ -80,15 +82,52 @@ def test_lr_follows_warmup_then_cosine_in_the_logs(tmp_path):
 
 
 def test_non_finite_losses_skip_steps_then_stop_the_run(tmp_path, monkeypatch):
-    from openmae.engine import loop
-    from openmae.models.mae import MaskedAutoencoder
-
     monkeypatch.setattr(
         MaskedAutoencoder, "forward_loss", staticmethod(lambda pred, target, mask: pred.sum() * float("nan"))
     )
     with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(loop.NonFiniteLossError):
         run(tmp_path, "nan", "max_nonfinite=3")
     assert not list((tmp_path / "nan").glob("checkpoint-*"))
+
+
+def nan_on_steps(monkeypatch, steps: set[int]) -> None:
+    """Make the loss non-finite in the optimizer steps `steps` (1-based), and only there."""
+    original = MaskedAutoencoder.forward_loss
+    counter = {"calls": 0}
+
+    def forward_loss(pred, target, mask):
+        counter["calls"] += 1
+        loss = original(pred, target, mask)
+        return loss * float("nan") if counter["calls"] in steps else loss
+
+    monkeypatch.setattr(MaskedAutoencoder, "forward_loss", staticmethod(forward_loss))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])  # skipped on the device (fused) / by the host
+def test_exactly_the_steps_with_a_non_finite_loss_are_skipped(tmp_path, monkeypatch, optimizer):
+    # Steps 3 and 5 of 8 have a NaN loss: the weights end as those of a run in which those two steps
+    # took no update (their gradients zeroed, the optimizer not stepped) and every other step did.
+    nan_on_steps(monkeypatch, {3, 5})
+    with pytest.warns(UserWarning, match="1 non-finite loss.*before step 4") as caught:
+        skipped = run(tmp_path, "nan", f"optim.name={optimizer}", "log_every=4")
+    assert skipped.progress.step == 8
+    assert any("before step 8" in str(w.message) for w in caught)  # steps 3 and 5, seen at log steps
+    weights = load_file(skipped.weights)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    monkeypatch.undo()
+    # The same run stopped after step 4 (one NaN behind it) and resumed gives the same weights bitwise.
+    nan_on_steps(monkeypatch, {3})
+    with pytest.warns(UserWarning, match="1 non-finite"):
+        run(tmp_path, "split", f"optim.name={optimizer}", "log_every=4", "max_steps=4")
+    monkeypatch.undo()
+    nan_on_steps(monkeypatch, {1})  # the resumed run's first step is the whole run's fifth
+    with pytest.warns(UserWarning, match="1 non-finite"):
+        resumed = run(tmp_path, "split", f"optim.name={optimizer}", "log_every=4", "resume=auto")
+    resumed_weights = load_file(resumed.weights)
+    assert all(torch.equal(weights[k], resumed_weights[k]) for k in weights)
+    monkeypatch.undo()
+    clean = load_file(run(tmp_path, "clean", f"optim.name={optimizer}", "log_every=4").weights)
+    assert not torch.equal(clean["blocks.0.attn.qkv.weight"], weights["blocks.0.attn.qkv.weight"])
 
 
 def test_a_time_budget_shortens_the_schedule_after_calibration(tmp_path):
@@ -103,22 +142,14 @@ def test_a_time_budget_is_replanned_as_the_measured_speed_changes(monkeypatch):
     # The plan after 10 steps assumes the first rate; when steps then slow down, the re-plan at step
     # 20 follows the rate measured since the start. A fake clock keeps the numbers exact.
     clock = SimpleNamespace(now=0.0)
-    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock.now))
-    trainer = SimpleNamespace(
-        cfg=SimpleNamespace(time_budget_min=1.0, epochs=100),
-        progress=Progress(),
-        dist=SimpleNamespace(world_size=1, is_main=False),
-        epoch_images=1000,
-        global_batch=10,
-        run_started=0.0,
-        first_step=0,
-        next_plan_step=10,
-    )
-    plans = []
+    monkeypatch.setattr(budget_module, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    budget = TimeBudget(minutes=1.0, max_images=100 * 1000, global_batch=10)
+    budget.start(step=0)
+    plans, planned = [], 0
     for step, now in [(9, 0.9), (10, 1.0), (19, 3.0), (20, 4.0), (39, 50.0)]:
-        trainer.progress.step, trainer.progress.images_seen, clock.now = step, 10 * step, now
-        Trainer.plan_time_budget(trainer)
-        plans.append(trainer.progress.planned_images)
+        clock.now = now
+        planned = budget.plan(step, images_seen=10 * step, planned_images=planned, epoch_images=1000)
+        plans.append(planned)
     # 100 images/s over 59 s left -> 100 + 5900; then 50 images/s over 56 s -> 200 + 2800.
     assert plans == [0, 6000, 6000, 3000, 3000]
-    assert trainer.next_plan_step == 40
+    assert budget.next_plan_step == 40

@@ -1,6 +1,7 @@
 import torch
 
-from openmae.engine.sampler import SeededDataset, SeededSampler, collate_seeded, noise_from_seeds
+from openmae.engine.sampler import SeededDataset, SeededSampler, collate_seeded
+from openmae.engine.tasks import noise_from_seeds
 
 
 def test_epoch_is_cut_to_whole_global_batches_and_shuffled_per_epoch():

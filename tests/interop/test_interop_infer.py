@@ -5,13 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from openmae.interop import infer_config, load_checkpoint, save_checkpoint
+from openmae.checkpoint import save_checkpoint
+from openmae.interop import infer_config, load_checkpoint
 from openmae.interop.infer import guess_heads
 from openmae.models import (
     MAEConfig,
     MaskedAutoencoder,
+    MaskTokensInEncoder,
     VisionTransformer,
     ViTConfig,
+    build_mae,
     resize_pos_embed,
     sincos_2d,
 )
@@ -34,13 +37,13 @@ def mae_config(**changes) -> MAEConfig:
     ],
 )  # fmt: skip
 def test_mae_architecture_without_a_model(config):
-    state = MaskedAutoencoder(config).state_dict()
+    state = build_mae(config).state_dict()
     heads = {"num_heads": config.num_heads, "decoder_num_heads": config.decoder_num_heads}
     square = config.img_size[0] == config.img_size[1]
 
     model = load_checkpoint(state, img_size=None if square else config.img_size, **heads)
 
-    assert type(model) is MaskedAutoencoder
+    assert type(model) is (MaskTokensInEncoder if config.encoder_mask_tokens else MaskedAutoencoder)
     assert model.config == config
 
 

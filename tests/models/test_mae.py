@@ -9,6 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 
+from openmae.interop import export_timm
 from openmae.models import MaskedAutoencoder, create_model, random_masking, sincos_2d
 from openmae.models.patches import patchify, unpatchify
 
@@ -211,13 +212,13 @@ def test_decoder_position_embedding_has_decoder_width() -> None:
 def test_encoder_names_and_shapes_are_timms() -> None:
     model = make_model()
     timm_vit = TimmViT(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=0)
-    ours = {k: tuple(v.shape) for k, v in model.encoder_state_dict().items()}
+    ours = {k: tuple(v.shape) for k, v in export_timm(model).items()}
     theirs = {k: tuple(v.shape) for k, v in timm_vit.state_dict().items()}
     assert ours == theirs
     for key in model.state_dict():
         assert key in ours or key.startswith("decoder_") or key == "mask_token", key
     # Same names, same computation: timm with our encoder weights gives our features.
-    timm_vit.load_state_dict(model.encoder_state_dict())
+    timm_vit.load_state_dict(export_timm(model))
     imgs = images()
     with torch.no_grad():
         torch.testing.assert_close(timm_vit.eval().forward_features(imgs), model.forward_features(imgs))

@@ -7,8 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from openmae import create_model
+from openmae.checkpoint import save_checkpoint
 from openmae.cli import main
-from openmae.interop import load_checkpoint, save_checkpoint
+from openmae.interop import load_checkpoint
 
 DATA = ["data.dataset=synthetic", "data.synthetic_size=32", "data.num_workers=0", "device=cpu"]
 SCHEDULE = ["batch_size=8", "log_every=1", "optim.warmup_epochs=0.5"]

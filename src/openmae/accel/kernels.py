@@ -55,7 +55,8 @@ class PerHeadAttention(torch.autograd.Function):
         with torch.autocast(qkv.device.type, enabled=False):
             for q, k, v in _heads(compute):  # 3 x [B, N, head_dim]
                 scores = torch.bmm(q, k.transpose(1, 2)).mul_(scale)  # [B, N, N]
-                head_probs = scores.softmax(-1, dtype=torch.float32).to(compute.dtype)
+                head_probs = scores.softmax(-1, dtype=torch.promote_types(compute.dtype, torch.float32))
+                head_probs = head_probs.to(compute.dtype)
                 outs.append(torch.bmm(head_probs, v))
                 probs.append(head_probs.to(qkv.dtype))
         ctx.widen = widen

@@ -14,9 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from openmae.checkpoint import list_checkpoints, resolve_resume
 from openmae.config import config_to_dict, save_config
-from openmae.distributed import DistInfo, init_distributed
+from openmae.distributed import DistInfo, all_reduce_sum, init_distributed
 from openmae.engine.loop import TrainConfig
 from openmae.engine.optim import OptimConfig
 from openmae.errors import UsageError
@@ -79,6 +81,8 @@ def open_run(cfg: TrainConfig, optim: OptimConfig, dist: DistInfo, kind: str, **
     """Create the output folder (emptied of an old run with `overwrite`), save the resolved config,
     say the lr and where it came from, and start the logger. Call once every input is checked."""
     out_dir = Path(cfg.output_dir)
+    # Every rank has checked the folder (`resume_point`) before rank 0 writes into it.
+    all_reduce_sum(torch.zeros(1, device=dist.device))
     effective_batch = cfg.batch_size * cfg.accum_iter * dist.world_size
     peak_lr, lr_source = optim.peak_lr(effective_batch)
     if dist.is_main:

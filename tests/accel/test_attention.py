@@ -1,0 +1,99 @@
+"""Attention chosen by measurement: the fastest candidate per shape, a forced path, same results."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openmae.accel import AccelConfig, Acceleration, uninstall
+from openmae.accel.attention import KERNELS, TunedAttention, candidates_for
+from openmae.accel.tuner import Autotuner
+from openmae.models import create_model
+from openmae.models.layers import Attention, sdpa_attention
+
+
+class FavourTimer:
+    """A fake timer under which `fastest` wins every measurement; records the candidates it saw."""
+
+    def __init__(self, fastest: str) -> None:
+        self.fastest = fastest
+        self.seen: list[list[str]] = []
+
+    def __call__(self, candidates):
+        self.seen.append(sorted(candidates))
+        for run in candidates.values():
+            run()  # the candidates must run on the shapes they are timed for
+        return {name: 1.0 if name == self.fastest else 2.0 for name in candidates}
+
+
+def qkv(n=17, dtype=torch.float32):
+    return torch.randn(2, n, 3, 3, 16).to(dtype).requires_grad_()
+
+
+def test_candidates_by_device_and_dtype():
+    assert candidates_for(torch.device("cpu"), torch.float32) == ["sdpa", "per_head", "eager"]
+    assert set(candidates_for(torch.device("cpu"), torch.bfloat16)) == set(KERNELS)
+    assert candidates_for(torch.device("cuda"), torch.bfloat16) == ["sdpa"]  # SDPA picks its own kernels
+
+
+@pytest.mark.parametrize("fastest", ["per_head", "eager", "sdpa"])
+def test_the_fastest_candidate_runs_and_is_cached_per_shape(fastest):
+    timer = FavourTimer(fastest)
+    attention = TunedAttention(Autotuner(timer=timer))
+    x = qkv()
+    out = attention(x)
+    assert attention.kernel_for(x) == fastest
+    torch.testing.assert_close(out, sdpa_attention(x), rtol=1e-5, atol=1e-5)
+    attention(qkv())  # same shape: no new measurement
+    assert len(timer.seen) == 1
+    attention(qkv(n=5))
+    with torch.no_grad():  # no gradient wanted: a shape of its own (forward only)
+        attention(qkv())
+    assert len(timer.seen) == 3
+
+
+def test_a_forced_path_is_never_measured():
+    timer = FavourTimer("sdpa")
+    attention = TunedAttention(Autotuner(timer=timer), path="eager")
+    assert attention.kernel_for(qkv(dtype=torch.bfloat16)) == "eager" and not timer.seen
+    with pytest.raises(ValueError, match="accel.attention must be one of"):
+        TunedAttention(Autotuner(), path="flash3")
+
+
+def test_timing_draws_nothing_from_the_run_random_stream():
+    x = qkv()
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    TunedAttention(Autotuner(timer=FavourTimer("eager")))(x)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def loss_and_grads(model, precision: str):
+    torch.manual_seed(0)
+    imgs, noise = torch.randn(4, 3, 32, 32), torch.rand(4, 16)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = model(imgs, noise=noise).loss
+    loss.backward()
+    return loss.detach().float(), torch.cat(
+        [p.grad.flatten().float() for p in model.parameters() if p.requires_grad]
+    )
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("path", sorted(KERNELS))
+def test_a_model_trains_alike_on_every_forced_path(precision, path):
+    torch.manual_seed(0)
+    model = create_model("mae_vit_debug").train()
+    plain_loss, plain_grads = loss_and_grads(model, precision)
+    accel = Acceleration(
+        AccelConfig(attention=path, gemm="native", cache=False), torch.device("cpu"), precision
+    )
+    assert accel.install(model) == len([m for m in model.modules() if isinstance(m, Attention)]) == 3
+    loss, grads = loss_and_grads(model, precision)
+    tolerance = 1e-5 if precision == "fp32" else 2e-2
+    assert abs(float(loss - plain_loss)) <= tolerance * float(plain_loss)
+    assert float((grads - plain_grads).norm() / plain_grads.norm()) < (1e-4 if precision == "fp32" else 3e-2)
+    uninstall(model)
+    assert all(m.kernel is sdpa_attention for m in model.modules() if isinstance(m, Attention))

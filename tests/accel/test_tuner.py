@@ -1,0 +1,85 @@
+"""The autotuner picks what its timer says is fastest, once per key, and remembers it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from openmae.accel import tuner as tuner_module
+from openmae.accel.tuner import Autotuner, time_candidates
+
+
+class FakeTimer:
+    """Reports the given seconds per candidate and counts how often it was asked."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+        self.calls = 0
+
+    def __call__(self, candidates):
+        self.calls += 1
+        return {name: self.seconds[name] for name in candidates}
+
+
+def runs(*names):
+    return lambda: {name: (lambda: None) for name in names}
+
+
+@pytest.mark.parametrize("fastest", ["a", "b", "c"])
+def test_picks_whichever_candidate_is_fastest(fastest):
+    timer = FakeTimer({name: 1.0 if name == fastest else 2.0 for name in "abc"})
+    assert Autotuner(timer=timer).choose("kind", "key", runs("a", "b", "c")) == fastest
+
+
+def test_a_key_is_timed_once_then_served_from_memory():
+    timer = FakeTimer({"a": 2.0, "b": 1.0})
+    tuner = Autotuner(timer=timer)
+    built = []
+
+    def candidates():
+        built.append(1)
+        return {"a": lambda: None, "b": lambda: None}
+
+    assert tuner.choose("kind", "key", candidates) == "b"
+    assert tuner.choose("kind", "key", candidates) == "b"
+    assert timer.calls == 1 and len(built) == 1  # nothing built or timed on the second call
+    assert tuner.choose("kind", "other key", candidates) == "b" and timer.calls == 2
+    measured = tuner.take_measured()
+    assert [m.key for m in measured] == ["key", "other key"] and measured[0].seconds == {"a": 2.0, "b": 1.0}
+    assert tuner.take_measured() == []
+
+
+def test_a_single_candidate_is_not_timed():
+    timer = FakeTimer({})
+    assert Autotuner(timer=timer).choose("kind", "key", runs("only")) == "only" and timer.calls == 0
+
+
+def test_choices_persist_in_the_cache_file_per_machine(tmp_path, monkeypatch):
+    cache = tmp_path / "autotune.json"
+    Autotuner(cache, timer=FakeTimer({"a": 1.0, "b": 2.0})).choose("kind", "key", runs("a", "b"))
+    second = FakeTimer({"a": 2.0, "b": 1.0})
+    assert Autotuner(cache, timer=second).choose("kind", "key", runs("a", "b")) == "a"  # from the file
+    assert second.calls == 0
+    monkeypatch.setattr(tuner_module, "machine_fingerprint", lambda: "another machine")
+    assert Autotuner(cache, timer=second).choose("kind", "key", runs("a", "b")) == "b"  # measured anew
+    assert len(json.loads(cache.read_text())) == 2  # one section per machine
+
+
+def test_a_damaged_cache_file_is_ignored(tmp_path):
+    cache = tmp_path / "autotune.json"
+    cache.write_text("{not json")
+    assert Autotuner(cache, timer=FakeTimer({"a": 1.0, "b": 2.0})).choose("k", "key", runs("a", "b")) == "a"
+    assert json.loads(cache.read_text())  # rewritten whole
+
+
+def test_restored_choices_win_over_measurement():
+    tuner = Autotuner(timer=FakeTimer({"a": 1.0, "b": 2.0}))
+    tuner.load_state_dict({"kind:key": "b"})
+    assert tuner.choose("kind", "key", runs("a", "b")) == "b"
+    assert tuner.state_dict() == {"kind:key": "b"}
+
+
+def test_the_real_timer_ranks_a_slow_candidate_last():
+    seconds = time_candidates({"fast": lambda: None, "slow": lambda: sum(range(20000))}, budget_s=0.01)
+    assert seconds["fast"] < seconds["slow"]
