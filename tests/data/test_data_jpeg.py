@@ -21,8 +21,9 @@ from openmae.data import (
     build_loader,
     read_image,
 )
-from openmae.data import folder as folder_module
+from openmae.data import decode as decode_module
 from openmae.data.jpeg import decode_crops, draft_decode
+from openmae.data.turbo import TurboJpegPretrainTransform
 from openmae.engine.sampler import SeededDataset
 
 WIDTH, HEIGHT = 500, 333  # an ImageNet-like photo; the odd height must not stop the reduction
@@ -88,10 +89,13 @@ def jpeg_folder(root, names=("a.jpg", "b.jpeg")):
     return root
 
 
-def test_training_folders_of_rgb_jpegs_take_the_fast_path_and_nothing_else(tmp_path):
+@pytest.mark.parametrize(
+    ("decoder", "cls"), [("pil", JpegPretrainTransform), ("turbo", TurboJpegPretrainTransform)]
+)
+def test_training_folders_of_rgb_jpegs_take_the_fast_path_and_nothing_else(tmp_path, decoder, cls):
     root = str(jpeg_folder(tmp_path / "train"))
-    train = build_dataset(DataConfig(path=root), "train", 64, 3)
-    assert train.jpeg_transform == JpegPretrainTransform(64, IMAGENET_MEAN, IMAGENET_STD, (0.2, 1.0), True)
+    train = build_dataset(DataConfig(path=root, decoder=decoder), "train", 64, 3)
+    assert train.jpeg_transform == cls(64, IMAGENET_MEAN, IMAGENET_STD, (0.2, 1.0), True)
     assert build_dataset(DataConfig(path=root, fast_decode=False), "train", 64, 3).jpeg_transform is None
     assert build_dataset(DataConfig(path=root, channels="gray"), "train", 64, 1).jpeg_transform is None
     assert build_dataset(DataConfig(path=root, channels="keep"), "train", 64, 3).jpeg_transform is None
@@ -119,8 +123,8 @@ def test_png_files_keep_the_existing_path(tmp_path, monkeypatch):
         image.save(root / "b.png")
     dataset = build_dataset(DataConfig(path=str(root)), "train", 64, 3)
     calls = []
-    real_read_image = folder_module.read_image
-    monkeypatch.setattr(folder_module, "read_image", lambda *a: calls.append(a[0]) or real_read_image(*a))
+    real_read_image = decode_module.read_image
+    monkeypatch.setattr(decode_module, "read_image", lambda *a: calls.append(a[0]) or real_read_image(*a))
     assert [dataset[i][0].shape for i in range(2)] == [(3, 64, 64)] * 2
     assert [p.name for p in calls] == ["b.png"]
 
