@@ -228,27 +228,26 @@ def build_feed(
     transform, jpeg_transform = _train_transforms(cfg, img_size, in_chans, channels)
     if cfg.path is None:
         raise ValueError(f"data.path must name the data for data.dataset={cfg.dataset!r}")
+    item = DecodedItem(ImageLoader(channels, transform, jpeg_transform))
+    options = {
+        "batch_size": batch_size,
+        "accum_iter": accum_iter,
+        "seed": seed,
+        "rank": rank,
+        "world_size": world_size,
+        "num_workers": cfg.resolved_num_workers(),
+        "shuffle_buffer": cfg.shuffle_buffer,
+        "epoch_images": cfg.epoch_images,
+        "pin_memory": pin_memory,
+    }
     if cfg.dataset == "webdataset":
-        from openmae.data.shards import TarShards
+        from openmae.data.shards import WebDatasetFeed
 
-        source = TarShards.open(cfg.path, cfg.manifest)
-    else:
-        from openmae.data.hf import HFFileShards
+        return WebDatasetFeed(cfg.path, item, cfg.manifest, **options)
+    from openmae.data.hf import HFFileShards
 
-        source = HFFileShards.open(cfg.path, cfg.split, cfg.image_column, cfg.label_column)
-    return StreamFeed(
-        source,
-        DecodedItem(ImageLoader(channels, transform, jpeg_transform)),
-        batch_size,
-        accum_iter,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        num_workers=cfg.resolved_num_workers(),
-        shuffle_buffer=cfg.shuffle_buffer,
-        epoch_images=cfg.epoch_images,
-        pin_memory=pin_memory,
-    )
+    source = HFFileShards.open(cfg.path, cfg.split, cfg.image_column, cfg.label_column)
+    return StreamFeed(source, item, **options)
 
 
 def _train_transforms(
