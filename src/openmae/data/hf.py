@@ -13,6 +13,7 @@ the Arrow files of a saved dataset; neither is copied into a cache first.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 from openmae import extras
 from openmae.data.decode import JpegTransform, Transform, load_image
 from openmae.data.feed import Record
+from openmae.data.folder import UnreadableImageWarning
 from openmae.data.images import Channels, UnreadableImageError
 from openmae.errors import UsageError
 
@@ -123,6 +125,7 @@ class HFImageDataset(Dataset):
         self.dataset = dataset.select_columns(kept).cast_column(image_column, datasets.Image(decode=False))
         self.transform, self.channels, self.jpeg_transform = transform, channels, jpeg_transform
         self.classes = self.columns.classes
+        self._warned: set[int] = set()
 
     @property
     def num_classes(self) -> int:
@@ -133,11 +136,14 @@ class HFImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         record = self.columns.record(self.dataset[index], f"row {index}")
-        if record.data is None:
-            return None
         try:
+            if record.data is None:
+                raise UnreadableImageError("no image in the row")
             image = load_image(record.data, self.channels, self.transform, self.jpeg_transform, record.name)
-        except UnreadableImageError:
+        except UnreadableImageError as error:
+            if index not in self._warned:  # once per row and worker, as for image folders
+                self._warned.add(index)
+                warnings.warn(f"skipping unreadable image {record.name}: {error}", UnreadableImageWarning, 2)
             return None
         return image, record.label
 

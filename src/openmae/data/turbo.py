@@ -63,9 +63,13 @@ def jpeg_pretrain_transform(
     return cls(img_size, tuple(mean), tuple(std), tuple(crop_scale), hflip)
 
 
-def turbo_crop(data: bytes, box: Box, size: Size) -> torch.Tensor:
-    """Decode a JPEG at the smallest libjpeg-turbo scale at which `box` (full-size pixels) still
-    covers `size`, and resize that region to `size` (bicubic, antialiased): uint8 `[3, *size]`.
+def turbo_crop(data: bytes, box: Box, size: Size) -> tuple[torch.Tensor, Box]:
+    """Decode a JPEG at the smallest of the scales 1, 1/2, 1/4, 1/8 at which `box` (full-size
+    pixels) still covers `size`, and resize that region to `size` (bicubic, antialiased).
+
+    The region is the box rounded to whole decoded pixels: its corners move by at most half a
+    decoded pixel, which is at most half an output pixel. Returns the uint8 crop `[3, *size]` and
+    the box it covers, in full-size pixels.
 
     Raises:
         ValueError: libjpeg-turbo cannot decode these bytes to RGB.
@@ -74,16 +78,32 @@ def turbo_crop(data: bytes, box: Box, size: Size) -> torch.Tensor:
     out_h, out_w = to_2tuple(size)
     full_h, full_w, _, _ = simplejpeg.decode_jpeg_header(data)
     top, left, h, w = box
-    # The decoded image must hold the box at >= the output size: full * out / box pixels per side.
+    reduce = 1  # 1, 2, 4 or 8: the scales whose IDCT keeps full quality (the n/8 ones blur: measured)
+    while reduce < 8 and h / (2 * reduce) >= out_h and w / (2 * reduce) >= out_w:
+        reduce *= 2
+    # libjpeg-turbo decodes at the largest scale that gives at least this size: exactly 1/reduce.
     decoded = simplejpeg.decode_jpeg(
-        data, "RGB", min_height=math.ceil(full_h * out_h / h), min_width=math.ceil(full_w * out_w / w)
+        data, "RGB", min_height=math.ceil(full_h / reduce), min_width=math.ceil(full_w / reduce)
     )  # [h', w', 3] uint8
-    scale_h, scale_w = decoded.shape[0] / full_h, decoded.shape[1] / full_w
-    rows = slice(round(top * scale_h), max(round((top + h) * scale_h), round(top * scale_h) + 1))
-    cols = slice(round(left * scale_w), max(round((left + w) * scale_w), round(left * scale_w) + 1))
+    # Decoded pixel i covers full-size pixels [i * reduce, (i + 1) * reduce).
+    rows = _decoded_span(top, h, reduce, decoded.shape[0])
+    cols = _decoded_span(left, w, reduce, decoded.shape[1])
     # HWC memory seen as [1, 3, h, w] channels-last: torch's fast uint8 resampling path.
     region = torch.from_numpy(decoded).permute(2, 0, 1)[None, :, rows, cols]
-    return F.resize(region, [out_h, out_w], InterpolationMode.BICUBIC, antialias=True)[0]
+    crop = F.resize(region, [out_h, out_w], InterpolationMode.BICUBIC, antialias=True)[0]
+    covered = (
+        rows.start * reduce,
+        cols.start * reduce,
+        (rows.stop - rows.start) * reduce,
+        (cols.stop - cols.start) * reduce,
+    )
+    return crop, covered
+
+
+def _decoded_span(start: int, length: int, reduce: int, limit: int) -> slice:
+    """Full-size pixels [start, start + length) in decoded pixels, each end rounded to a whole one."""
+    first = min(round(start / reduce), limit - 1)
+    return slice(first, min(max(round((start + length) / reduce), first + 1), limit))
 
 
 @dataclass(frozen=True)
@@ -107,7 +127,7 @@ class TurboJpegPretrainTransform:
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
             (box,) = crop_boxes_for_size(height, width, 1, self.crop_scale)
-            crop = turbo_crop(data, box, self.img_size)  # [3, H, W] uint8
+            crop, _ = turbo_crop(data, box, self.img_size)  # [3, H, W] uint8
         except ValueError:
             # Not decodable to RGB here (CMYK, damaged...): PIL decodes it or says it is unreadable.
             fallback = JpegPretrainTransform(self.img_size, self.mean, self.std, self.crop_scale, self.hflip)
