@@ -164,3 +164,13 @@ def test_epoch_length_is_explicit_and_checked():
     feed = make_feed(MemoryShards([10, 10]))
     with pytest.raises(ValueError, match="not a multiple of the global batch"):
         next(feed.batches(0, start=3))
+
+
+def test_ranks_come_from_torch_distributed_unless_given(monkeypatch):
+    assert make_feed(MemoryShards([8]), rank=None, world_size=None).layout.world_size == 1
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    layout = make_feed(MemoryShards([8]), rank=None, world_size=None).layout
+    assert (layout.rank, layout.world_size) == (1, 2)
+    assert make_feed(MemoryShards([8]), rank=0, world_size=4).layout.world_size == 4

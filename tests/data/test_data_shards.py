@@ -132,6 +132,19 @@ def test_unreadable_images_in_shards_are_skipped_and_counted(tmp_path):
     assert any(w.category is UnreadableImageWarning and "broken" in str(w.message) for w in caught)
 
 
+def test_a_damaged_shard_counts_its_missing_samples_as_skipped(tmp_path):
+    cfg = shard_config(tmp_path, classes=8, max_count=4, num_workers=0)
+    second = tmp_path / "sh" / "train-001.tar"
+    second.write_bytes(second.read_bytes()[:1500])  # cut inside its first sample's image
+    feed = build_feed(cfg, 16, 3, batch_size=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(feed.batches(0, 0))
+    assert len(batches) == 4 and sum(b[3] for b in batches) == 4 and sum(len(b[1]) for b in batches) == 4
+    assert any("train-001.tar ended after 1 samples, 4 expected" in str(w.message) for w in caught)
+    assert not [w for w in caught if w.category is ResourceWarning]  # shard files are closed
+
+
 def test_shards_validate_on_a_folder_with_the_manifest_classes(tmp_path):
     cfg = shard_config(tmp_path, classes=3)
     val = tmp_path / "val" / "c02"

@@ -25,12 +25,19 @@ needed, and the samples it has not output yet are read, and decoded, as in the u
 That replay holds for the same shards, world size, workers and batch size; with other ones the
 epoch resumes at the same image count but the split differs.
 
+The two multi-GPU pitfalls of webdataset pipelines (as timm users meet them) do not arise: ranks
+are split here, from torch.distributed's rank and world size (or given ones), so no
+`nodesplitter` is needed and no rank reads another's shards; and nothing asks an iterable
+dataset for its `len()`: the epoch length and the micro-batches per rank (`batches_per_epoch`)
+are computed from the counts, the same on every rank.
+
 The loader workers start for each epoch (`batches`), with the epoch's plan, and `close` stops
 them; a worker that is assigned no lane ends at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -174,12 +181,13 @@ def _read_lane(
             continue
         skip = segment.begin + max(first - offset, 0)  # in shard order: before it, not needed
         seen = 0
-        for record in source.read(segment.shard):
-            if seen == segment.end:
-                break
-            if seen >= skip:
-                yield offset + seen - segment.begin, record
-            seen += 1
+        with contextlib.closing(source.read(segment.shard)) as records:  # closes the shard's file
+            for record in records:
+                if seen == segment.end:
+                    break
+                if seen >= skip:
+                    yield offset + seen - segment.begin, record
+                seen += 1
         if seen < segment.end:
             warnings.warn(
                 f"shard {source.names[segment.shard]} ended after {seen} samples, "

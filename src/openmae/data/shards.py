@@ -234,13 +234,20 @@ class TarShards:
         return cls(_check_files(names), counts, list(manifest.get("classes", [])))
 
     def read(self, shard: int) -> Iterator[Record]:
-        """The records of one shard in stored order (webdataset's tar reader; no decoding)."""
+        """The records of one shard in stored order (webdataset's tar reader; no decoding).
+
+        A damaged or vanished shard warns and ends early; the feed counts its missing samples as
+        unreadable, so training goes on with the same number of batches.
+        """
         wds = extras.require("webdataset")
-        for sample in wds.tarfile_samples([{"url": self.names[shard]}]):
-            image_key = next((k for k in IMAGE_KEYS if k in sample), None)
-            label = int(sample["cls"]) if "cls" in sample else -1
-            name = f"{self.names[shard]}:{sample['__key__']}"
-            yield Record(None if image_key is None else sample[image_key], name, label)
+        url = self.names[shard]
+        with wds.gopen(url, "rb") as stream:  # closed when the feed stops reading, not at collection
+            files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}], wds.warn_and_stop)
+            for sample in wds.tariterators.group_by_keys(files, handler=wds.warn_and_stop):
+                image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+                label = int(sample["cls"]) if "cls" in sample else -1
+                data = None if image_key is None else sample[image_key]
+                yield Record(data, f"{url}:{sample['__key__']}", label)
 
 
 def count_tar_samples(path: str | Path) -> int:
