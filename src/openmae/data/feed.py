@@ -9,7 +9,8 @@ read front to back, so the order is planned per epoch instead, from the shards' 
    of micro-batches (no rank waits at an all-reduce for one that ran out), and the epoch has an
    explicit length, `epoch_images`, a multiple of the global batch (the rest of the shards is left
    out of the epoch, as `drop_last` does; the shard shuffle leaves out other samples each epoch).
-   A shard on a lane boundary is read by both lanes, each keeping its part.
+   A shard on a lane boundary is read by both lanes, each keeping its part: the second one reads
+   (without decoding) the samples before its part, at most one shard per lane and epoch.
 3. Each lane shuffles its samples through a buffer of `shuffle_buffer` samples. The order the
    buffer produces depends only on the lane's length and seed, so it is computed up front
    (`buffer_shuffle_order`) and the reading holds at most a buffer's worth of encoded samples.
@@ -130,8 +131,8 @@ def buffer_shuffle_order(length: int, buffer: int, generator: torch.Generator) -
     """The output order of a shuffle buffer over inputs 0..length-1, as input indices.
 
     The buffer fills with the first `buffer` inputs; then each input replaces a uniformly drawn
-    buffered one, which is output; at the end the buffer is output in random order. So an output
-    is never more than `buffer` inputs ahead of the reading. `buffer` <= 1 keeps the order.
+    buffered one, which is output; at the end the buffer is output in random order. So the
+    reading never holds more than `buffer` inputs not yet output. `buffer` <= 1 keeps the order.
     """
     if buffer <= 1 or length <= 1:
         return list(range(length))
@@ -244,6 +245,7 @@ class _EpochStream(IterableDataset):
         lane = first % L
         segments = self.plans[r * L + lane]
         length = sum(s.end - s.begin for s in segments)
+        # The lane's own stream of draws (negative positions: never a sample's).
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 - (r * L + lane)))
         order = buffer_shuffle_order(length, self.shuffle_buffer, generator)
         records = lane_records(self.source, segments, order, done=first // L * B)
