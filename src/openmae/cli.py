@@ -1,4 +1,4 @@
-"""The `mae` command: `mae pretrain | demo | visualize | stats | models | bench ...`.
+"""The `mae` command: `mae pretrain | demo | visualize | stats | shards | models | bench ...`.
 
 Training commands take their whole configuration from a dataclass: the defaults, then `--config FILE`
 (a path or a shipped config's name), then the command line, where each key is given once, as
@@ -121,6 +121,35 @@ def stats_command(argv: list[str]) -> int:
         + ", ".join(f"{s:.4f}" for s in std)
         + "]"
     )
+    return 0
+
+
+@command("shards", "write an image folder into webdataset tar shards with a manifest, for training")
+def shards_command(argv: list[str]) -> int:
+    from openmae.data.shards import parse_size, write_shards
+
+    parser = _parser("shards", "Copy the images of a folder (flat or class sub-folders) into tar shards.")
+    parser.add_argument("folder", help="the image folder")
+    parser.add_argument("pattern", help="shard file names with a printf number, e.g. out/train-%%06d.tar")
+    parser.add_argument("--shard-size", default="1GB", help="bytes of images per shard (1GB, 500MB, 64MiB)")
+    parser.add_argument("--max-count", type=int, default=100_000, help="images per shard at most")
+    parser.add_argument(
+        "--no-shuffle", action="store_true", help="keep the sorted file order (default: a seeded shuffle)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already there")
+    args = parser.parse_args(argv)
+    stats = write_shards(
+        args.folder,
+        args.pattern,
+        parse_size(args.shard_size),
+        args.max_count,
+        shuffle=not args.no_shuffle,
+        seed=args.seed,
+        overwrite=args.overwrite,
+    )
+    classes = f", {len(stats.classes)} classes" if stats.classes else ""
+    print(f"wrote {stats.samples} images{classes} into {stats.shards} shards; manifest: {stats.manifest}")
     return 0
 
 

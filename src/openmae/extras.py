@@ -18,6 +18,10 @@ EXTRAS: dict[str, tuple[str, str, str]] = {
     "transformers": ("transformers", "hf", "HuggingFace ViTMAE interop"),
     "skimage": ("scikit-image", "photos", "the sample photographs"),
     "sklearn": ("scikit-learn", "photos", "the sample photographs and pixel baselines"),
+    "webdataset": ("webdataset", "shards", "webdataset tar shards (data.dataset=webdataset, mae shards)"),
+    "datasets": ("datasets", "hf-datasets", "HuggingFace datasets (data.dataset=hf)"),
+    "pyarrow": ("pyarrow", "hf-datasets", "streaming HuggingFace parquet files (data.streaming=true)"),
+    "simplejpeg": ("simplejpeg", "turbo", "libjpeg-turbo decoding (data.decoder=turbo)"),
 }
 
 

@@ -5,25 +5,31 @@ import warnings
 
 import numpy as np
 import pytest
+import simplejpeg
 import skimage.data
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from openmae import extras
 from openmae.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DataConfig,
     JpegPretrainTransform,
+    UnreadableImageError,
     UnreadableImageWarning,
     build_dataset,
     build_loader,
+    pretrain_transform,
     read_image,
 )
-from openmae.data import folder as folder_module
+from openmae.data import decode as decode_module
 from openmae.data.jpeg import decode_crops, draft_decode
-from openmae.engine.sampler import SeededDataset
+from openmae.data.turbo import TurboJpegPretrainTransform, resolve_decoder, turbo_crop
+from openmae.engine.sampler import SeededDataset, seeded_rng
+from openmae.extras import MissingExtraError
 
 WIDTH, HEIGHT = 500, 333  # an ImageNet-like photo; the odd height must not stop the reduction
 
@@ -88,10 +94,13 @@ def jpeg_folder(root, names=("a.jpg", "b.jpeg")):
     return root
 
 
-def test_training_folders_of_rgb_jpegs_take_the_fast_path_and_nothing_else(tmp_path):
+@pytest.mark.parametrize(
+    ("decoder", "cls"), [("pil", JpegPretrainTransform), ("turbo", TurboJpegPretrainTransform)]
+)
+def test_training_folders_of_rgb_jpegs_take_the_fast_path_and_nothing_else(tmp_path, decoder, cls):
     root = str(jpeg_folder(tmp_path / "train"))
-    train = build_dataset(DataConfig(path=root), "train", 64, 3)
-    assert train.jpeg_transform == JpegPretrainTransform(64, IMAGENET_MEAN, IMAGENET_STD, (0.2, 1.0), True)
+    train = build_dataset(DataConfig(path=root, decoder=decoder), "train", 64, 3)
+    assert train.jpeg_transform == cls(64, IMAGENET_MEAN, IMAGENET_STD, (0.2, 1.0), True)
     assert build_dataset(DataConfig(path=root, fast_decode=False), "train", 64, 3).jpeg_transform is None
     assert build_dataset(DataConfig(path=root, channels="gray"), "train", 64, 1).jpeg_transform is None
     assert build_dataset(DataConfig(path=root, channels="keep"), "train", 64, 3).jpeg_transform is None
@@ -119,8 +128,8 @@ def test_png_files_keep_the_existing_path(tmp_path, monkeypatch):
         image.save(root / "b.png")
     dataset = build_dataset(DataConfig(path=str(root)), "train", 64, 3)
     calls = []
-    real_read_image = folder_module.read_image
-    monkeypatch.setattr(folder_module, "read_image", lambda *a: calls.append(a[0]) or real_read_image(*a))
+    real_read_image = decode_module.read_image
+    monkeypatch.setattr(decode_module, "read_image", lambda *a: calls.append(a[0]) or real_read_image(*a))
     assert [dataset[i][0].shape for i in range(2)] == [(3, 64, 64)] * 2
     assert [p.name for p in calls] == ["b.png"]
 
@@ -138,3 +147,85 @@ def test_unreadable_jpegs_are_skipped_and_counted(tmp_path):
     assert [w.category for w in caught] == [UnreadableImageWarning] * 2
     messages = " ".join(str(w.message) for w in caught)
     assert "truncated.jpg" in messages and "zero.jpg" in messages
+
+
+# ------------------------------------------------------------------------------------------------------
+# libjpeg-turbo (data.decoder=turbo)
+
+
+@pytest.mark.parametrize(
+    ("box", "size", "scale"),
+    [
+        ((10, 60, 300, 300), 224, 1),
+        ((10, 60, 300, 300), 112, 1 / 2),
+        ((10, 60, 300, 300), 64, 1 / 4),
+        ((10, 20, 280, 420), 32, 1 / 8),
+        ((13, 55, 281, 301), 32, 1 / 8),
+    ],
+)
+def test_turbo_crop_matches_the_full_decode_crop_of_the_box_it_covers(photo, box, size, scale, monkeypatch):
+    decoded = []
+    real_decode = simplejpeg.decode_jpeg
+
+    def spy(*args, **kwargs):
+        decoded.append(real_decode(*args, **kwargs))
+        return decoded[-1]
+
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", spy)
+    crop, covered = turbo_crop(photo.read_bytes(), box, size)
+    turbo = crop.float() / 255  # [3, size, size]
+    full = read_image(photo, "rgb")
+    top, left, h, w = box
+    # Decoded at the smallest of the scales 1, 1/2, 1/4, 1/8 at which the box still covers the size.
+    (image,) = decoded
+    reduce = round(WIDTH / image.shape[1])
+    assert min(h, w) / reduce >= size > min(h, w) / (2 * reduce) and reduce == round(scale**-1)
+    # The box is rounded to whole decoded pixels: its corners move by half a decoded pixel at most.
+    corners = lambda b: np.array([b[0], b[1], b[0] + b[2], b[1] + b[3]])  # noqa: E731
+    assert np.abs(corners(covered) - corners(box)).max() <= reduce / 2
+    same = full_decode_crop(full, covered, size)
+    shifted = full_decode_crop(full, (top + h // 20, left + w // 20, h, w), size)
+    # The draft-mode tolerance: a real image difference (the box moved by 5%) is > 0.1.
+    assert (turbo - same).abs().mean() < 0.03
+    assert (turbo - shifted).abs().mean() > 0.1
+
+
+@pytest.mark.parametrize("size", [(2000, 1500), (500, 333)])
+def test_decoders_give_the_same_crop_and_flip_for_the_same_seed(tmp_path, size):
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(skimage.data.astronaut()).resize(size, Image.BICUBIC).save(path, quality=90)
+    args = (224, IMAGENET_MEAN, IMAGENET_STD, (0.2, 1.0), True)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    reference = pretrain_transform(*args)  # full decode, float RandomResizedCrop, flip, normalise
+    full = read_image(path, "rgb")
+    for seed in range(4):
+        crops = []
+        decoders = (TurboJpegPretrainTransform(*args), JpegPretrainTransform(*args))
+        for transform in (*decoders, lambda path: reference(full)):
+            with seeded_rng(seed):
+                crops.append(transform(path) * std + mean)  # [3, 224, 224] in [0, 1]
+        turbo, pil, exact = crops
+        assert (turbo - exact).abs().mean() < 0.03 and (pil - exact).abs().mean() < 0.03
+
+
+def test_turbo_reads_gray_and_cmyk_jpegs_as_rgb_and_rejects_damaged_ones(tmp_path):
+    transform = TurboJpegPretrainTransform(32, IMAGENET_MEAN, IMAGENET_STD)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    gray = transform(save_photo(tmp_path / "gray.jpg", mode="L")) * std + mean
+    torch.testing.assert_close(gray[0], gray[1], atol=1e-6, rtol=0)
+    cmyk = save_photo(tmp_path / "cmyk.jpg", mode="CMYK")  # libjpeg-turbo gives no RGB: PIL's path
+    assert transform(cmyk).shape == (3, 32, 32)
+    with pytest.raises(UnreadableImageError, match="broken.jpg"):
+        transform(b"\xff\xd8\xff\xe0 broken", "broken.jpg")
+
+
+def test_auto_picks_turbo_when_simplejpeg_is_installed_else_pil(monkeypatch):
+    assert resolve_decoder("auto") == "turbo" and resolve_decoder("pil") == "pil"
+    monkeypatch.setattr(
+        extras.importlib, "import_module", lambda name: (_ for _ in ()).throw(ImportError(name))
+    )
+    assert resolve_decoder("auto") == "pil"
+    with pytest.raises(MissingExtraError, match="openmae\\[turbo\\]"):
+        resolve_decoder("turbo")
+    with pytest.raises(ValueError, match="decoder"):
+        DataConfig(decoder="fast")

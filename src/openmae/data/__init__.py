@@ -1,12 +1,14 @@
 """Data: image folders, Fashion-MNIST, synthetic images, transforms, mean/std, loaders.
 
-Pretraining on JPEG folders decodes at reduced size when the random crop allows (`jpeg`).
+Pretraining on JPEGs decodes at reduced size when the random crop allows (`jpeg`, with PIL;
+`turbo`, with libjpeg-turbo). Streamed training data (`feed`: webdataset tar shards from `shards`,
+HF datasets' files from `hf`) comes from `build_feed`; those modules load when used.
 
 Every dataset yields `(image [C, H, W] float, label)`; folder datasets yield None for a file that
 cannot be decoded, which `collate_skip` drops and counts in `Batch.num_skipped`.
 """
 
-from openmae.data.build import DATASETS, DataConfig, build_dataset, dataset_mean_std
+from openmae.data.build import DATASETS, DataConfig, build_dataset, build_feed, dataset_mean_std
 from openmae.data.fashion_mnist import FashionMNIST, find_fashion_mnist, read_idx
 from openmae.data.folder import ImageFolderDataset, UnreadableImageWarning, find_images, list_classes
 from openmae.data.images import (
@@ -43,6 +45,7 @@ __all__ = [
     "UnreadableImageError",
     "UnreadableImageWarning",
     "build_dataset",
+    "build_feed",
     "build_loader",
     "collate_skip",
     "compute_mean_std",

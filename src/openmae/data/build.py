@@ -1,35 +1,54 @@
-"""`DataConfig` and `build_dataset`: from the data section of a run's config to a Dataset."""
+"""`DataConfig`, `build_dataset` and `build_feed`: from the data section of a run's config to the data.
+
+Map-style datasets (folders, Fashion-MNIST, synthetic images, HF datasets) come from
+`build_dataset`; streamed ones (webdataset shards, HF datasets with `streaming=true`) train through
+a `TrainFeed` from `build_feed` and validate, if at all, on a map-style set from `build_dataset`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from torch.utils.data import Dataset
 
+from openmae.data.decode import ImageLoader, JpegTransform, Transform
 from openmae.data.fashion_mnist import FashionMNIST
 from openmae.data.folder import ImageFolderDataset, has_class_folders, list_classes
 from openmae.data.images import Channels
-from openmae.data.jpeg import JpegPretrainTransform
 from openmae.data.loader import default_num_workers
 from openmae.data.synthetic import SyntheticImages
 from openmae.data.transforms import Size, default_mean_std, eval_transform, pretrain_transform
+from openmae.data.turbo import DECODERS, jpeg_pretrain_transform
 
-DATASETS = ("folder", "fashion_mnist", "synthetic")
+if TYPE_CHECKING:
+    from openmae.data.feed import TrainFeed
+
+DATASETS = ("folder", "fashion_mnist", "synthetic", "webdataset", "hf")
 SPLITS = ("train", "val", "test")
+IN_MEMORY = ("fashion_mnist", "synthetic")  # small images already at the model's size
 
 
 @dataclass
 class DataConfig:
     """Where the images come from and how they are prepared."""
 
-    dataset: str = field(default="folder", metadata={"help": "folder | fashion_mnist | synthetic"})
+    dataset: str = field(
+        default="folder", metadata={"help": "folder | fashion_mnist | synthetic | webdataset | hf"}
+    )
     path: str | None = field(
         default=None,
-        metadata={"help": "training image folder (class sub-folders or flat), or Fashion-MNIST's IDX folder"},
+        metadata={
+            "help": "training image folder (class sub-folders or flat); Fashion-MNIST's IDX folder; "
+            "webdataset: a shard manifest (.json, or its folder), a brace pattern "
+            "(train-{000000..000146}.tar) or '::'-joined paths/URLs; hf: a saved dataset, a "
+            "parquet folder or an image folder"
+        },
     )
     val_path: str | None = field(
-        default=None, metadata={"help": "validation image folder (folder datasets; none: no validation)"}
+        default=None,
+        metadata={"help": "validation image folder (hf: dataset folder; none: no validation)"},
     )
     channels: str | int | None = field(
         default=None, metadata={"help": "keep | rgb | gray | a channel count (none: the model's in_chans)"}
@@ -49,9 +68,43 @@ class DataConfig:
     fast_decode: bool = field(
         default=True,
         metadata={
-            "help": "training on JPEG folders with RGB input: decode at 1/2-1/8 size when the random "
-            "crop allows (PIL draft mode); false: always decode at full size"
+            "help": "training on JPEGs with RGB input: decode at reduced size when the random crop "
+            "allows (see data.decoder); false: always decode at full size"
         },
+    )
+    decoder: str = field(
+        default="auto",
+        metadata={
+            "help": "JPEG decoder of the fast path: pil (draft mode, 1/2-1/8) | turbo (libjpeg-turbo "
+            "via simplejpeg, any n/8 scale; the turbo extra) | auto (turbo when installed, else pil)"
+        },
+    )
+    manifest: str | None = field(
+        default=None,
+        metadata={"help": "webdataset: the shards' manifest, when it is not beside them (remote shards)"},
+    )
+    epoch_images: int | None = field(
+        default=None,
+        metadata={
+            "help": "streamed datasets: images per epoch over all ranks (none: all of them), rounded "
+            "down to a multiple of the global batch"
+        },
+    )
+    shuffle_buffer: int = field(
+        default=1000,
+        metadata={"help": "streamed datasets: samples each loader worker shuffles among (after the shards)"},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"help": "hf: read the parquet / saved Arrow files in order as shards instead of by index"},
+    )
+    split: str = field(default="train", metadata={"help": "hf: the split to train on"})
+    val_split: str | None = field(
+        default=None, metadata={"help": "hf: the split to validate on (none: no validation)"}
+    )
+    image_column: str = field(default="image", metadata={"help": "hf: the column of the images"})
+    label_column: str = field(
+        default="auto", metadata={"help": "hf: the column of the labels | auto ('label' if any) | none"}
     )
     eval_crop_pct: float = field(
         default=0.875, metadata={"help": "evaluation on folders: resize to img_size / this, then centre crop"}
@@ -71,6 +124,15 @@ class DataConfig:
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}")
+        if self.epoch_images is not None and self.epoch_images < 1:
+            raise ValueError(f"data.epoch_images must be at least 1, got {self.epoch_images}")
+
+    @property
+    def streamed(self) -> bool:
+        """Trained on through `build_feed` (shards read in order) rather than a map-style dataset."""
+        return self.dataset == "webdataset" or (self.dataset == "hf" and self.streaming)
 
     def resolved_num_workers(self) -> int:
         """`num_workers`, or a default when it is None: 0 for Fashion-MNIST and synthetic images,
@@ -79,7 +141,7 @@ class DataConfig:
         `default_num_workers()`."""
         if self.num_workers is not None:
             return self.num_workers
-        return 0 if self.dataset in ("fashion_mnist", "synthetic") else default_num_workers()
+        return 0 if self.dataset in IN_MEMORY else default_num_workers()
 
 
 def dataset_mean_std(cfg: DataConfig, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -114,19 +176,17 @@ def build_dataset(
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     if cfg.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}; got {cfg.dataset!r}")
+    if split == "train" and cfg.streamed:
+        raise ValueError(f"data.dataset={cfg.dataset} is streamed in training: build it with build_feed")
     channels = _resolve_channels(cfg.channels, in_chans)
     transform = jpeg_transform = None
     if not raw:
-        mean, std = dataset_mean_std(cfg, in_chans)
         if train_transform:
-            transform = pretrain_transform(img_size, mean, std, cfg.crop_scale, cfg.hflip)
-            if cfg.fast_decode and channels in ("rgb", 3):
-                # The same augmentation, drawn while decoding JPEGs at reduced size.
-                jpeg_transform = JpegPretrainTransform(img_size, mean, std, cfg.crop_scale, cfg.hflip)
+            transform, jpeg_transform = _train_transforms(cfg, img_size, in_chans, channels)
         else:
             # Fashion-MNIST and synthetic images are already (about) the model's size: no crop.
-            crop_pct = cfg.eval_crop_pct if cfg.dataset == "folder" else None
-            transform = eval_transform(img_size, mean, std, crop_pct)
+            crop_pct = None if cfg.dataset in IN_MEMORY else cfg.eval_crop_pct
+            transform = eval_transform(img_size, *dataset_mean_std(cfg, in_chans), crop_pct)
     if cfg.dataset == "fashion_mnist":
         # Gray images: one channel, or repeated to three for an RGB model (FashionMNIST checks which).
         fmnist_split = "train" if split == "train" else "test"
@@ -134,7 +194,87 @@ def build_dataset(
     if cfg.dataset == "synthetic":
         seed = 0 if split == "train" else 1
         return SyntheticImages(cfg.synthetic_size, img_size, in_chans, seed=seed, transform=transform)
+    if cfg.dataset == "hf":
+        return _build_hf(cfg, split, channels, transform, jpeg_transform)
     return _build_folder(cfg, split, channels, transform, jpeg_transform)
+
+
+def build_feed(
+    cfg: DataConfig,
+    img_size: Size,
+    in_chans: int,
+    batch_size: int,
+    accum_iter: int = 1,
+    seed: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    pin_memory: bool = False,
+) -> TrainFeed | None:
+    """The training feed of a streamed dataset (`cfg.streamed`), None for a map-style one.
+
+    Micro-batches of `batch_size` augmented images; the epoch is a multiple of batch_size x
+    accum_iter x world_size images; `seed` is the run seed; rank and world size default to
+    torch.distributed's. See `openmae.data.feed` for the order and what a resume replays.
+
+    Raises:
+        UsageError: missing shards or dataset files, too few images for one global batch.
+        MissingExtraError: webdataset / datasets / pyarrow not installed.
+    """
+    if not cfg.streamed:
+        return None
+    from openmae.data.feed import DecodedItem, StreamFeed  # the streaming stack loads when used
+
+    channels = _resolve_channels(cfg.channels, in_chans)
+    transform, jpeg_transform = _train_transforms(cfg, img_size, in_chans, channels)
+    if cfg.path is None:
+        raise ValueError(f"data.path must name the data for data.dataset={cfg.dataset!r}")
+    item = DecodedItem(ImageLoader(channels, transform, jpeg_transform))
+    options = {
+        "batch_size": batch_size,
+        "accum_iter": accum_iter,
+        "seed": seed,
+        "rank": rank,
+        "world_size": world_size,
+        "num_workers": cfg.resolved_num_workers(),
+        "shuffle_buffer": cfg.shuffle_buffer,
+        "epoch_images": cfg.epoch_images,
+        "pin_memory": pin_memory,
+    }
+    if cfg.dataset == "webdataset":
+        from openmae.data.shards import WebDatasetFeed
+
+        return WebDatasetFeed(cfg.path, item, cfg.manifest, **options)
+    from openmae.data.hf import HFFileShards
+
+    source = HFFileShards.open(cfg.path, cfg.split, cfg.image_column, cfg.label_column)
+    return StreamFeed(source, item, **options)
+
+
+def _train_transforms(
+    cfg: DataConfig, img_size: Size, in_chans: int, channels: Channels
+) -> tuple[Transform, JpegTransform | None]:
+    """The pretraining transform, and the same augmentation fused with a reduced-size JPEG decode
+    (for RGB input with `fast_decode`; `decoder` picks PIL or libjpeg-turbo)."""
+    mean, std = dataset_mean_std(cfg, in_chans)
+    transform = pretrain_transform(img_size, mean, std, cfg.crop_scale, cfg.hflip)
+    if not (cfg.fast_decode and channels in ("rgb", 3)):
+        return transform, None
+    return transform, jpeg_pretrain_transform(cfg.decoder, img_size, mean, std, cfg.crop_scale, cfg.hflip)
+
+
+def _build_hf(cfg: DataConfig, split: str, channels: Channels, transform, jpeg_transform) -> Dataset | None:
+    from openmae.data.hf import HFImageDataset, load_hf_dataset
+
+    if split == "train":
+        path, hf_split = cfg.path, cfg.split
+    elif cfg.val_split is None:
+        return None
+    else:
+        path, hf_split = cfg.val_path or cfg.path, cfg.val_split
+    if path is None:
+        raise ValueError("data.path must name the dataset folder for data.dataset='hf'")
+    dataset = load_hf_dataset(path, hf_split)
+    return HFImageDataset(dataset, transform, channels, cfg.image_column, cfg.label_column, jpeg_transform)
 
 
 def _build_folder(
@@ -151,8 +291,15 @@ def _build_folder(
 
 
 def _training_classes(cfg: DataConfig) -> list[str] | None:
-    """The training folder's class names, to index the validation classes by (so labels agree)."""
-    if cfg.labels == "none" or cfg.path is None or not Path(cfg.path).is_dir():
+    """The training folder's (or shards') class names, to index the validation classes by (so
+    labels agree)."""
+    if cfg.labels == "none" or cfg.path is None:
+        return None
+    if cfg.dataset == "webdataset":
+        from openmae.data.shards import TarShards
+
+        return TarShards.open(cfg.path, cfg.manifest).classes or None
+    if not Path(cfg.path).is_dir():
         return None
     return list_classes(cfg.path) if has_class_folders(cfg.path) else None
 

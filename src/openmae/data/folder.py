@@ -16,15 +16,14 @@ import torch
 from torch.utils.data import Dataset
 
 from openmae import extras
+from openmae.data.decode import load_image
 from openmae.data.images import (
     IMAGE_EXTENSIONS,
     Channels,
     UnreadableImageError,
     decode_image,
     is_image_file,
-    read_image,
 )
-from openmae.data.jpeg import is_jpeg
 
 Labels = Literal["auto", "folders", "none"]
 
@@ -69,7 +68,8 @@ class ImageFolderDataset(Dataset):
             labels agree even when a split misses a class. Default: the sub-folders of `root`.
         jpeg_transform: decodes and transforms a .jpg / .jpeg file in one step (path -> tensor, e.g.
             `JpegPretrainTransform`, which decodes at reduced size), instead of `read_image` then
-            `transform`; other files take the usual path. It must raise `UnreadableImageError`.
+            `transform`; other files take the usual path (see `load_image`). It must raise
+            `UnreadableImageError`.
     """
 
     def __init__(
@@ -155,7 +155,4 @@ class ImageFolderDataset(Dataset):
 
     def _load(self, path: Path) -> torch.Tensor:
         """The decoded, transformed image; raises `UnreadableImageError`."""
-        if self.jpeg_transform is not None and is_jpeg(path):
-            return self.jpeg_transform(path)
-        image = read_image(path, self.channels)
-        return image if self.transform is None else self.transform(image)
+        return load_image(path, self.channels, self.transform, self.jpeg_transform)

@@ -8,6 +8,7 @@ float pixels are kept as stored.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,7 @@ from openmae import extras
 from openmae.extras import MissingExtraError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 
 Channels = Literal["keep", "rgb", "gray"] | int
 
@@ -51,34 +53,56 @@ def is_image_file(path: str | Path) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def read_image(path: str | Path, channels: Channels = "keep") -> torch.Tensor:
-    """Decode an image file to float32 `[C, H, W]` in [0, 1] with `channels` applied.
+def read_image(
+    source: str | Path | bytes, channels: Channels = "keep", name: str | None = None
+) -> torch.Tensor:
+    """Decode an image file (or its bytes) to float32 `[C, H, W]` in [0, 1] with `channels` applied.
+
+    `name` says where bytes come from, for messages (a path names itself).
 
     Raises:
-        UnreadableImageError: the file cannot be decoded.
+        UnreadableImageError: the image cannot be decoded.
         ValueError: the image's channels cannot be converted as `channels` asks.
     """
-    image = decode_image(path)
+    image = decode_image(source, name)
     try:
         return convert_channels(image, channels)
     except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+        raise ValueError(f"{_describe(source, name)}: {error}") from None
 
 
-def decode_image(path: str | Path) -> torch.Tensor:
-    """Decode an image file to float32 `[C, H, W]` with its stored channels, scaled to [0, 1]."""
-    path = Path(path)
+def decode_image(source: str | Path | bytes, name: str | None = None) -> torch.Tensor:
+    """Decode an image file, or an encoded image's bytes (e.g. from a tar shard), to float32
+    `[C, H, W]` with its stored channels, scaled to [0, 1]."""
+    if not isinstance(source, bytes):
+        source = Path(source)
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            array = _read_tiff(path)  # [H, W, C]
+        if _is_tiff(source):
+            array = _read_tiff(source)  # [H, W, C]
         else:
-            array = _read_pil(path)  # [H, W, C]
+            array = _read_pil(source)  # [H, W, C]
     except (MemoryError, MissingExtraError):
         raise
     except Exception as error:
         # Decoders raise many types on damaged files (OSError, ValueError, SyntaxError, EOFError...).
-        raise UnreadableImageError(f"cannot read image {path}: {error}") from error
+        raise UnreadableImageError(f"cannot read image {_describe(source, name)}: {error}") from error
     return _to_unit_tensor(array)  # [C, H, W]
+
+
+def _describe(source: Path | str | bytes, name: str | None) -> str:
+    return name or ("<image bytes>" if isinstance(source, bytes) else str(source))
+
+
+def _is_tiff(source: Path | bytes) -> bool:
+    """A TIFF by its name, or (bytes) by its first four bytes."""
+    if isinstance(source, bytes):
+        return source[:4] in _TIFF_MAGIC
+    return source.suffix.lower() in (".tif", ".tiff")
+
+
+def _open(source: Path | bytes):
+    """What PIL and tifffile open: the path, or a fresh stream over the bytes."""
+    return io.BytesIO(source) if isinstance(source, bytes) else source
 
 
 def convert_channels(image: torch.Tensor, channels: Channels) -> torch.Tensor:
@@ -110,9 +134,9 @@ def convert_channels(image: torch.Tensor, channels: Channels) -> torch.Tensor:
     return image
 
 
-def _read_pil(path: Path) -> np.ndarray:
+def _read_pil(source: Path | bytes) -> np.ndarray:
     """`[H, W, C]` array from PIL (uint8, uint16, int32 or float32)."""
-    with Image.open(path) as img:
+    with Image.open(_open(source)) as img:
         img.load()  # Image.open is lazy; a truncated file only fails here
         mode = _PIL_CONVERT.get(img.mode)
         if img.mode == "P" and "transparency" in img.info:
@@ -126,21 +150,22 @@ def _read_pil(path: Path) -> np.ndarray:
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def _read_tiff(path: Path) -> np.ndarray:
+def _read_tiff(source: Path | bytes) -> np.ndarray:
     """`[H, W, C]` array from tifffile (any band count), or from PIL when tifffile is missing.
 
     Without tifffile, a TIFF PIL cannot read (more than 4 bands, say) raises `MissingExtraError`.
     """
     if not extras.available("tifffile"):
         try:
-            return _read_pil(path)
+            return _read_pil(source)
         except Exception as error:
             raise MissingExtraError(
-                f"{path}: PIL cannot read this TIFF, and {extras.missing_extra_message('tifffile')}"
+                f"{_describe(source, None)}: PIL cannot read this TIFF, and "
+                f"{extras.missing_extra_message('tifffile')}"
             ) from error
     tifffile = extras.require("tifffile")
     try:
-        with tifffile.TiffFile(path) as tif:
+        with tifffile.TiffFile(_open(source)) as tif:
             series = tif.series[0]
             array, axes = series.asarray(), series.axes
     except ValueError as error:
@@ -148,7 +173,7 @@ def _read_tiff(path: Path) -> np.ndarray:
         # (No fallback otherwise: PIL would read, e.g., only the first band of a damaged file.)
         if "imagecodecs" not in str(error):
             raise
-        return _read_pil(path)
+        return _read_pil(source)
     return _tiff_to_hwc(array, axes)
 
 

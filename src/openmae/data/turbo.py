@@ -1,0 +1,137 @@
+"""The pretraining augmentation fused with a reduced-size JPEG decode by libjpeg-turbo (`simplejpeg`).
+
+The same idea as `openmae.data.jpeg` (draw the crop box from the header, then let the decoder
+scale in the DCT domain as far as the box still covers the output size), done by a faster
+decoder: libjpeg-turbo scales by any factor n/8 (PIL's draft mode only by 1/2, 1/4, 1/8), so it
+decodes closer to the size needed, and the crop is resized by torch's uint8 antialiased bicubic
+kernel, which is faster than PIL's. Boxes and flips come from the same random draws as the PIL
+path, so a seed gives the same crop with either decoder (up to resampling detail).
+
+JPEGs that libjpeg-turbo cannot turn into RGB (CMYK, for one) take the PIL path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from timm.layers import to_2tuple
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from openmae import extras
+from openmae.data.jpeg import (
+    Box,
+    JpegPretrainTransform,
+    Source,
+    crop_boxes_for_size,
+    draw_flip,
+    normalize_uint8,
+)
+from openmae.data.transforms import Size
+
+DECODERS = ("auto", "pil", "turbo")
+
+
+def resolve_decoder(decoder: str) -> str:
+    """ "pil" or "turbo": `auto` picks turbo when `simplejpeg` is installed (the `turbo` extra).
+
+    Raises:
+        MissingExtraError: "turbo" was asked for and simplejpeg is not installed.
+    """
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}; got {decoder!r}")
+    if decoder == "auto":
+        return "turbo" if extras.available("simplejpeg") else "pil"
+    if decoder == "turbo":
+        extras.require("simplejpeg")  # one line naming the extra when it is missing
+    return decoder
+
+
+def jpeg_pretrain_transform(
+    decoder: str,
+    img_size: Size,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    crop_scale: tuple[float, float] = (0.2, 1.0),
+    hflip: bool = True,
+) -> JpegPretrainTransform | TurboJpegPretrainTransform:
+    """The fused JPEG decode + pretraining augmentation of `decoder` (auto | pil | turbo)."""
+    cls = TurboJpegPretrainTransform if resolve_decoder(decoder) == "turbo" else JpegPretrainTransform
+    return cls(img_size, tuple(mean), tuple(std), tuple(crop_scale), hflip)
+
+
+def turbo_crop(data: bytes, box: Box, size: Size) -> tuple[torch.Tensor, Box]:
+    """Decode a JPEG at the smallest of the scales 1, 1/2, 1/4, 1/8 at which `box` (full-size
+    pixels) still covers `size`, and resize that region to `size` (bicubic, antialiased).
+
+    The region is the box rounded to whole decoded pixels: its corners move by at most half a
+    decoded pixel, which is at most half an output pixel. Returns the uint8 crop `[3, *size]` and
+    the box it covers, in full-size pixels.
+
+    Raises:
+        ValueError: libjpeg-turbo cannot decode these bytes to RGB.
+    """
+    simplejpeg = extras.require("simplejpeg")
+    out_h, out_w = to_2tuple(size)
+    full_h, full_w, _, _ = simplejpeg.decode_jpeg_header(data)
+    top, left, h, w = box
+    reduce = 1  # 1, 2, 4 or 8: the scales whose IDCT keeps full quality (the n/8 ones blur: measured)
+    while reduce < 8 and h / (2 * reduce) >= out_h and w / (2 * reduce) >= out_w:
+        reduce *= 2
+    # libjpeg-turbo decodes at the largest scale that gives at least this size: exactly 1/reduce.
+    decoded = simplejpeg.decode_jpeg(
+        data, "RGB", min_height=math.ceil(full_h / reduce), min_width=math.ceil(full_w / reduce)
+    )  # [h', w', 3] uint8
+    # Decoded pixel i covers full-size pixels [i * reduce, (i + 1) * reduce).
+    rows = _decoded_span(top, h, reduce, decoded.shape[0])
+    cols = _decoded_span(left, w, reduce, decoded.shape[1])
+    # HWC memory seen as [1, 3, h, w] channels-last: torch's fast uint8 resampling path.
+    region = torch.from_numpy(decoded).permute(2, 0, 1)[None, :, rows, cols]
+    crop = F.resize(region, [out_h, out_w], InterpolationMode.BICUBIC, antialias=True)[0]
+    covered = (
+        rows.start * reduce,
+        cols.start * reduce,
+        (rows.stop - rows.start) * reduce,
+        (cols.stop - cols.start) * reduce,
+    )
+    return crop, covered
+
+
+def _decoded_span(start: int, length: int, reduce: int, limit: int) -> slice:
+    """Full-size pixels [start, start + length) in decoded pixels, each end rounded to a whole one."""
+    first = min(round(start / reduce), limit - 1)
+    return slice(first, min(max(round((start + length) / reduce), first + 1), limit))
+
+
+@dataclass(frozen=True)
+class TurboJpegPretrainTransform:
+    """`JpegPretrainTransform` with libjpeg-turbo decoding: a JPEG file or its bytes -> normalised
+    `[3, *img_size]`, the same augmentation from the same random draws.
+
+    Raises:
+        UnreadableImageError: the JPEG cannot be decoded by libjpeg-turbo nor by PIL.
+    """
+
+    img_size: Size
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+
+    def __call__(self, source: Source, name: str | None = None) -> torch.Tensor:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        simplejpeg = extras.require("simplejpeg")
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            (box,) = crop_boxes_for_size(height, width, 1, self.crop_scale)
+            crop, _ = turbo_crop(data, box, self.img_size)  # [3, H, W] uint8
+        except ValueError:
+            # Not decodable to RGB here (CMYK, damaged...): PIL decodes it or says it is unreadable.
+            fallback = JpegPretrainTransform(self.img_size, self.mean, self.std, self.crop_scale, self.hflip)
+            return fallback(data, name or (None if isinstance(source, bytes) else str(source)))
+        if self.hflip and draw_flip():
+            crop = crop.flip(-1)
+        return normalize_uint8(crop, self.mean, self.std)
