@@ -27,8 +27,8 @@ from openmae.data import (
 )
 from openmae.data import decode as decode_module
 from openmae.data.jpeg import decode_crops, draft_decode
+from openmae.data.sampler import SeededDataset, seeded_rng
 from openmae.data.turbo import TurboJpegPretrainTransform, resolve_decoder, turbo_crop
-from openmae.engine.sampler import SeededDataset, seeded_rng
 from openmae.extras import MissingExtraError
 
 WIDTH, HEIGHT = 500, 333  # an ImageNet-like photo; the odd height must not stop the reduction

@@ -214,7 +214,7 @@ def build_feed(
 
     Micro-batches of `batch_size` augmented images; the epoch is a multiple of batch_size x
     accum_iter x world_size images; `seed` is the run seed; rank and world size default to
-    torch.distributed's. See `openmae.data.feed` for the order and what a resume replays.
+    torch.distributed's. See `openmae.data.stream` for the order and what a resume replays.
 
     Raises:
         UsageError: missing shards or dataset files, too few images for one global batch.
@@ -222,7 +222,7 @@ def build_feed(
     """
     if not cfg.streamed:
         return None
-    from openmae.data.feed import DecodedItem, StreamFeed  # the streaming stack loads when used
+    from openmae.data.stream import DecodedItem, StreamFeed  # the streaming stack loads when used
 
     channels = _resolve_channels(cfg.channels, in_chans)
     transform, jpeg_transform = _train_transforms(cfg, img_size, in_chans, channels)

@@ -23,9 +23,9 @@ from torch.utils.data import Dataset
 
 from openmae import extras
 from openmae.data.decode import JpegTransform, Transform, load_image
-from openmae.data.feed import Record
 from openmae.data.folder import UnreadableImageWarning
 from openmae.data.images import Channels, UnreadableImageError
+from openmae.data.stream import Record
 from openmae.errors import UsageError
 
 _ROWS_PER_READ = 256  # parquet rows decoded (as Arrow, not as images) at a time when streaming

@@ -4,7 +4,7 @@ A shard is a tar file of samples, each a few files that share a key (the webdata
 `<key>.jpg` (or .png, .webp... the image file's bytes, not re-encoded) and, for a folder with
 class sub-folders, `<key>.cls` (the class index as text). Beside the shards, a manifest JSON holds
 the sample count of every shard, the class names and the total: the feed plans each epoch from
-the counts (see `openmae.data.feed`), so the shards are split exactly among ranks and workers.
+the counts (see `openmae.data.stream`), so the shards are split exactly among ranks and workers.
 
 Shards written by other tools work too: without a manifest, local tar files are counted by
 reading their headers (the image bytes are skipped); remote ones (URLs) need a manifest.
@@ -24,9 +24,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from openmae import extras
-from openmae.data.feed import Record, StreamFeed
 from openmae.data.folder import find_images, has_class_folders, list_classes
 from openmae.data.images import IMAGE_EXTENSIONS
+from openmae.data.stream import Record, StreamFeed
 from openmae.errors import UsageError
 
 MANIFEST_FORMAT = "openmae-shards"
@@ -293,7 +293,7 @@ def _check_files(names: list[str]) -> list[str]:
 
 class WebDatasetFeed(StreamFeed):
     """A `TrainFeed` over webdataset tar shards: exactly-once epochs split over ranks and workers,
-    seeded shard shuffle and shuffle buffer, replayable from any step (see `openmae.data.feed`).
+    seeded shard shuffle and shuffle buffer, replayable from any step (see `openmae.data.stream`).
 
     Args:
         shards: a manifest, a brace pattern, a `::`-joined string or a list of paths / URLs (see

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from openmae.accel import AccelConfig, Acceleration
+from openmae.data.feed import MapFeed, TrainFeed
 from openmae.distributed import (
     DistInfo,
     GracefulStop,
@@ -40,7 +41,6 @@ from openmae.distributed import (
 )
 from openmae.engine.budget import TimeBudget
 from openmae.engine.checkpointing import RunCheckpointer
-from openmae.engine.feed import MapFeed, TrainFeed
 from openmae.engine.optim import set_lr
 from openmae.engine.precision import Precision, autocast, check_precision
 from openmae.engine.schedule import fitted_warmup, warmup_cosine_lr

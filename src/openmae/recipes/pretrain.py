@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from openmae.data import DataConfig, build_dataset, build_loader, dataset_mean_std
+from openmae.data import DataConfig, build_dataset, build_feed, build_loader, dataset_mean_std
 from openmae.data.wrappers import UserImages
 from openmae.engine.evaluate import reconstruction_error
 from openmae.engine.loop import Hook, Progress, Schedule, TrainConfig, Trainer
@@ -119,9 +119,11 @@ def pretrain(cfg: PretrainConfig, dataset: Dataset | None = None) -> PretrainRes
         model = build_pretrain_model(cfg)
         img_size, in_chans = model.config.img_size, model.config.in_chans
         if dataset is not None:
-            train_set = UserImages(dataset, in_chans, model.config.img_size)
+            train_data = UserImages(dataset, in_chans, model.config.img_size)
+        elif cfg.data.streamed:  # shards read in order, split over ranks and workers
+            train_data = build_feed(cfg.data, img_size, in_chans, cfg.batch_size, cfg.accum_iter, cfg.seed)
         else:
-            train_set = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=True)
+            train_data = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=True)
         heldout = heldout_loader(cfg, img_size, in_chans)
         knn_monitor = KnnMonitor.from_config(cfg, img_size, in_chans)
         if knn_monitor is not None and cfg.fsdp:
@@ -140,7 +142,7 @@ def pretrain(cfg: PretrainConfig, dataset: Dataset | None = None) -> PretrainRes
     trainer = Trainer(
         model,
         PretrainTask(model.grid_size, cfg.mask_ratio, cfg.mask_sampling),
-        train_set,
+        train_data,
         build_optimizer(model, cfg.optim, run.peak_lr),
         Schedule(run.peak_lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.clip_grad),
         cfg,

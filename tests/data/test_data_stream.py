@@ -7,7 +7,9 @@ import warnings
 import pytest
 import torch
 
-from openmae.data.feed import (
+from openmae.data.folder import UnreadableImageWarning
+from openmae.data.sampler import sample_seed
+from openmae.data.stream import (
     Record,
     Segment,
     StreamFeed,
@@ -16,8 +18,6 @@ from openmae.data.feed import (
     lane_sizes,
     plan_lanes,
 )
-from openmae.data.folder import UnreadableImageWarning
-from openmae.engine.sampler import sample_seed
 from openmae.errors import UsageError
 
 

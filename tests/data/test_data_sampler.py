@@ -1,6 +1,6 @@
 import torch
 
-from openmae.engine.sampler import SeededDataset, SeededSampler, collate_seeded
+from openmae.data.sampler import SeededDataset, SeededSampler, collate_seeded
 from openmae.engine.tasks import noise_from_seeds
 
 
