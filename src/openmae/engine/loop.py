@@ -105,7 +105,10 @@ class Task(Protocol):
 
 
 class Hook:
-    """Work at fixed points of a run (evaluations, pictures); the trainer is passed in."""
+    """Work at fixed points of a run (evaluations, pictures, weight averages); the trainer is passed in."""
+
+    def after_step(self, trainer: Trainer) -> None:
+        """Called on every rank after each optimizer step (keep it light: it is on the hot path)."""
 
     def after_epoch(self, trainer: Trainer, epoch: int) -> dict:
         """Called on every rank after epoch `epoch` (0-based); returns metrics to log."""
@@ -374,6 +377,8 @@ class Trainer:
                 bar.close()
                 return True
             loss, finite, skipped = self.optimizer_step(micro_batches)
+            for hook in self.hooks:
+                hook.after_step(self)
             epoch.add(loss, finite, skipped, self.global_batch)
             interval.add(loss, finite, skipped, self.global_batch)
             if self.budget is not None:
