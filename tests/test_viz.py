@@ -189,10 +189,10 @@ def test_grid_panels_show_the_reconstruction():
     assert (grid[32 : 32 + viz.SEPARATOR] == 255).all()  # the separator between rows
 
 
-def test_grid_tensor_matches_the_png(tmp_path):
+def test_the_tensorboard_image_matches_the_png(tmp_path):
     model = make_model(1)
     imgs = make_imgs(2, 1)
-    tensor = viz.grid_tensor(model, imgs, MEAN1, STD1, seed=5)
+    tensor = viz.image_to_tensor(viz.reconstruction_grid(model, imgs, MEAN1, STD1, seed=5))
     path = viz.save_reconstruction_grid(model, imgs, tmp_path / "g.png", MEAN1, STD1, seed=5)
     with Image.open(io.BytesIO(path.read_bytes())) as png:
         expected = torch.from_numpy(np.asarray(png, dtype=np.float32) / 255).permute(2, 0, 1)

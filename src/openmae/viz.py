@@ -296,23 +296,6 @@ def save_reconstruction_grid(
     return path
 
 
-def grid_tensor(
-    model: nn.Module,
-    imgs: torch.Tensor,
-    mean: Sequence[float],
-    std: Sequence[float],
-    mask_ratio: float = 0.75,
-    seed: int = 0,
-    scale: int | None = None,
-    titles: bool = True,
-) -> torch.Tensor:
-    """The reconstruction grid as a float `[3, H', W']` tensor in [0, 1], for `SummaryWriter.add_image`.
-
-    Pixel for pixel the PNG of :func:`save_reconstruction_grid` (divided by 255).
-    """
-    return image_to_tensor(reconstruction_grid(model, imgs, mean, std, mask_ratio, seed, scale, titles))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Image files (for `mae visualize --checkpoint C IMAGES...`)
 
@@ -343,7 +326,6 @@ __all__ = [
     "Reconstruction",
     "auto_scale",
     "grid_size_px",
-    "grid_tensor",
     "image_to_tensor",
     "load_images",
     "make_grid_image",

@@ -62,12 +62,12 @@ def test_small_models_build_and_run(name: str) -> None:
 
 
 def test_overrides_reach_the_model_and_leave_the_registry_alone() -> None:
-    model = create_model("mae_vit_debug", norm_pix_loss=True, mask_ratio=0.5, in_chans=1)
-    assert model.config.norm_pix_loss and model.config.mask_ratio == 0.5
+    model = create_model("mae_vit_debug", norm_pix_loss=False, mask_ratio=0.5, in_chans=1)
+    assert not model.config.norm_pix_loss and model.config.mask_ratio == 0.5
     assert model.patch_embed.proj.in_channels == 1
     assert model(torch.randn(2, 1, 32, 32)).mask.sum().item() == 2 * 8
     fresh = model_config("mae_vit_debug")
-    assert not fresh.norm_pix_loss and fresh.mask_ratio == 0.75 and fresh.in_chans == 3
+    assert fresh.norm_pix_loss and fresh.mask_ratio == 0.75 and fresh.in_chans == 3
     assert model_config("mae_vit_debug") is not model_config("mae_vit_debug")
 
 

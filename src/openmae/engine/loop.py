@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -28,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from openmae.accel import AccelConfig, Acceleration
+from openmae.accel import Acceleration
 from openmae.data.feed import MapFeed, TrainFeed
 from openmae.distributed import (
     DistInfo,
@@ -42,60 +41,14 @@ from openmae.distributed import (
 from openmae.engine.budget import TimeBudget
 from openmae.engine.checkpointing import RunCheckpointer
 from openmae.engine.optim import set_lr
-from openmae.engine.precision import Precision, autocast, check_precision
+from openmae.engine.plan import Progress, Schedule, TrainConfig
+from openmae.engine.precision import autocast, check_precision
 from openmae.engine.schedule import fitted_warmup, warmup_cosine_lr
+from openmae.engine.tallies import EpochTotals, check_readable, format_duration
 from openmae.logging import RunLogger
 
 # Under torchrun, ranks agree on a stop request (one all-reduce) every this many steps.
 STOP_POLL_STEPS = 10
-
-
-@dataclass
-class TrainConfig:
-    """What the loop needs; the recipes' configs extend it, so these keys sit at the top level."""
-
-    epochs: int = field(default=800, metadata={"help": "training epochs (the schedule spans them)"})
-    batch_size: int = field(default=64, metadata={"help": "images per device per micro-step"})
-    accum_iter: int = field(default=1, metadata={"help": "micro-steps accumulated per optimizer step"})
-    precision: Precision = field(
-        default="fp32", metadata={"help": "fp32 | bf16 (autocast) | fp16 (GPU, scaler)"}
-    )
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N | mps"})
-    seed: int = field(default=0, metadata={"help": "seed of data order, augmentation, masking and init"})
-    max_steps: int | None = field(
-        default=None, metadata={"help": "stop (with a checkpoint) after this many steps"}
-    )
-    log_every: int = field(default=20, metadata={"help": "optimizer steps between log lines"})
-    save_every: int = field(default=1, metadata={"help": "epochs between checkpoints"})
-    keep_last: int = field(default=2, metadata={"help": "checkpoints kept in the output folder"})
-    max_nonfinite: int = field(
-        default=5, metadata={"help": "non-finite losses in a row that stop the run (checked at log steps)"}
-    )
-    output_dir: str = field(default="runs/run", metadata={"help": "folder for checkpoints, logs and config"})
-    resume: str | None = field(default=None, metadata={"help": "checkpoint path, or 'auto' for the newest"})
-    overwrite: bool = field(
-        default=False,
-        metadata={"help": "start afresh in an output_dir that holds a run (its files are removed)"},
-    )
-    time_budget_min: float | None = field(
-        default=None,
-        metadata={"help": "fit the run into this many minutes: after a short calibration the schedule is "
-                  "shortened to the images that fit (the run then depends on the machine's speed)"},
-    )  # fmt: skip
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model (measured, optional)"})
-    fsdp: bool = field(
-        default=False, metadata={"help": "under torchrun: shard weights, grads, optimizer state (FSDP2)"}
-    )
-    activation_checkpointing: bool = field(
-        default=False, metadata={"help": "recompute each block in the backward pass (less memory)"}
-    )
-    accel: AccelConfig = field(default_factory=AccelConfig)
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.accum_iter < 1:
-            raise ValueError("epochs, batch_size and accum_iter must be at least 1")
-        if self.log_every < 1 or self.save_every < 1 or self.max_nonfinite < 1:
-            raise ValueError("log_every, save_every and max_nonfinite must be at least 1")
 
 
 class Task(Protocol):
@@ -118,38 +71,8 @@ class Hook:
         """Called on every rank when training ends (finished or stopped)."""
 
 
-@dataclass
-class Progress:
-    """Where the run is; counted in images so it survives a change of world or batch size."""
-
-    epoch: int = 0
-    images_in_epoch: int = 0
-    step: int = 0
-    images_seen: int = 0
-    planned_images: int = 0  # set by a time budget; 0 = epochs x epoch length
-
-
-@dataclass
-class Schedule:
-    peak_lr: float
-    min_lr: float
-    warmup_epochs: float
-    clip_grad: float | None = None
-
-
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class UnreadableDataError(ValueError):
-    """An epoch in which no image, or most images, could be read."""
-
-
-def format_duration(seconds: float) -> str:
-    """`3725` -> `1:02:05`."""
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 class Trainer:
@@ -524,40 +447,3 @@ class Trainer:
             warnings.warn(f"{skipped} unreadable image(s) were skipped in epoch {p.epoch}", stacklevel=2)
         if p.epoch % cfg.save_every == 0 or p.epoch == cfg.epochs or self.finished:
             self.save()
-
-
-class EpochTotals:
-    """Sums over a span of steps, kept on the device until read: this rank's loss over the finite
-    steps, the finite steps, the unreadable images it skipped; and the global images attempted."""
-
-    def __init__(self, device: torch.device, world_size: int) -> None:
-        self.sums = torch.zeros(2, device=device)  # loss over finite steps, finite steps
-        self.skipped = 0
-        self.images = 0
-        self.world_size = world_size
-        self.started = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, finite: torch.Tensor, skipped: int, images: int) -> None:
-        self.sums += torch.stack([loss, finite.float()])
-        self.skipped += skipped
-        self.images += images
-
-    def reduced(self) -> tuple[float, int, int]:
-        """(loss summed over the steps, of the global batch; finite steps; skipped images of all
-        ranks): one all-reduce and one read of the device."""
-        totals = all_reduce_sum(torch.cat([self.sums, self.sums.new_tensor([float(self.skipped)])]))
-        loss, finite_steps, skipped = totals.tolist()
-        return loss / self.world_size, round(finite_steps / self.world_size), int(skipped)
-
-
-def check_readable(skipped: int, attempted: int, epoch: int) -> None:
-    """An epoch that read nothing, or skipped most of its images, is an error, not a result."""
-    if attempted and skipped >= attempted:
-        raise UnreadableDataError(
-            f"no image of epoch {epoch} could be read ({skipped} skipped): check the data path and files"
-        )
-    if attempted and skipped > attempted / 2:
-        raise UnreadableDataError(
-            f"{skipped / attempted:.0%} of the images of epoch {epoch} could not be read ({skipped} of "
-            f"{attempted}); the warnings above name them"
-        )

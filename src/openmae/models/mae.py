@@ -38,7 +38,7 @@ class MAEConfig(ViTConfig):
     decoder_embed_dim: int = 512
     decoder_depth: int = 8
     decoder_num_heads: int = 16
-    norm_pix_loss: bool = False
+    norm_pix_loss: bool = True  # the paper's recipe (Table 1d); the reference code's flag defaults to off
     mask_ratio: float = 0.75
     mask_sampling: str = "random"
     encoder_mask_tokens: bool = False  # the paper's slow baseline (Table 1c): see `build_mae`

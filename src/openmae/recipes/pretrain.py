@@ -31,9 +31,15 @@ class PretrainConfig(TrainConfig):
         default=None, metadata={"help": "image side, or height,width (None: the model's)"}
     )
     in_chans: int | None = field(default=None, metadata={"help": "input channels (None: the model's)"})
-    mask_ratio: float = field(default=0.75, metadata={"help": "share of patches hidden from the encoder"})
-    mask_sampling: str = field(default="random", metadata={"help": "random | block | grid"})
-    norm_pix_loss: bool = field(default=True, metadata={"help": "predict per-patch normalised pixels"})
+    mask_ratio: float | None = field(
+        default=None, metadata={"help": "share of patches hidden from the encoder (None: the model's, 0.75)"}
+    )
+    mask_sampling: str | None = field(
+        default=None, metadata={"help": "random | block | grid (None: the model's, random)"}
+    )
+    norm_pix_loss: bool | None = field(
+        default=None, metadata={"help": "predict per-patch normalised pixels (None: the model's, true)"}
+    )
     eval_images: int = field(default=512, metadata={"help": "held-out images for reconstruction error"})
     vis_every: int = field(
         default=5, metadata={"help": "epochs between held-out evaluation + images (0: off)"}
@@ -61,16 +67,9 @@ class PretrainResult:
 
 
 def build_pretrain_model(cfg: PretrainConfig) -> MaskedAutoencoder:
-    overrides = {
-        "mask_ratio": cfg.mask_ratio,
-        "norm_pix_loss": cfg.norm_pix_loss,
-        "mask_sampling": cfg.mask_sampling,
-    }
-    if cfg.img_size is not None:
-        overrides["img_size"] = cfg.img_size
-    if cfg.in_chans is not None:
-        overrides["in_chans"] = cfg.in_chans
-    return create_model(cfg.model, **overrides)
+    """The named model with the fields the config sets (None leaves the model's own)."""
+    fields = ("img_size", "in_chans", "mask_ratio", "mask_sampling", "norm_pix_loss")
+    return create_model(cfg.model, **{f: getattr(cfg, f) for f in fields if getattr(cfg, f) is not None})
 
 
 class ReconstructionMonitor(Hook):
@@ -133,7 +132,8 @@ def pretrain(cfg: PretrainConfig, dataset: Dataset | None = None) -> PretrainRes
     resume_from = resume_point(cfg)
 
     model.to(dist.device)
-    run = open_run(cfg, cfg.optim, dist, "pretrain", target="norm_pix" if cfg.norm_pix_loss else "pixels")
+    target = "norm_pix" if model.config.norm_pix_loss else "pixels"
+    run = open_run(cfg, cfg.optim, dist, "pretrain", target=target)
     hooks: list[Hook] = []
     if heldout is not None and cfg.vis_every:
         hooks.append(ReconstructionMonitor(heldout, cfg.vis_every, mean, std, cfg.seed, run.logger))
@@ -141,7 +141,7 @@ def pretrain(cfg: PretrainConfig, dataset: Dataset | None = None) -> PretrainRes
         hooks.append(KnnHook(knn_monitor))
     trainer = Trainer(
         model,
-        PretrainTask(model.grid_size, cfg.mask_ratio, cfg.mask_sampling),
+        PretrainTask(model.grid_size, model.config.mask_ratio, model.config.mask_sampling),
         train_data,
         build_optimizer(model, cfg.optim, run.peak_lr),
         Schedule(run.peak_lr, cfg.optim.min_lr, cfg.optim.warmup_epochs, cfg.optim.clip_grad),
