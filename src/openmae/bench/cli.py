@@ -12,6 +12,7 @@ from openmae.bench.engines import DEFAULT_PEERS, ENGINES, engine_spec
 from openmae.bench.report import write_results
 from openmae.bench.run import BENCH_PRECISIONS, BenchOptions, custom_config, log, named_configs, run_benchmark
 from openmae.config.cli import CommandParser
+from openmae.distributed import resolve_device
 from openmae.errors import UsageError
 from openmae.extras import require
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--configs",
         nargs="+",
-        choices=["tiny", "base"],
+        choices=["tiny", "base", "large"],
         default=None,
         help="named configurations (default: tiny base, or none when --model is given)",
     )
@@ -70,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeats for engines whose single step exceeds --max-repeat-seconds (default: %(default)s)",
     )
     parser.add_argument("--out", default="benchmarks/results", help="output directory (default: %(default)s)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument(
+        "--device", default=None, help="cpu or cuda (default: cuda when available; cuda without a GPU is an error)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of weights, images and masks (default: %(default)s)"
@@ -99,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace, argv: list[str]) -> BenchOptions:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device or "auto")
     named = named_configs(device)
     labels = args.configs if args.configs is not None else ([] if args.model else ["tiny", "base"])
     configs = [named[label] for label in labels]
