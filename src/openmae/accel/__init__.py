@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from openmae.accel.attention import ATTENTION_PATHS, TunedAttention
-from openmae.accel.gemm import GEMM_PATHS, Bf16Gemm
+from openmae.accel.gemm import GEMM_PATHS, Bf16Gemm, Census, dispatch_overhead_s
 from openmae.accel.tuner import Autotuner, default_cache_file
 from openmae.models.layers import Attention
 
@@ -72,6 +72,11 @@ class Acceleration:
         self.attention = TunedAttention(self.tuner, cfg.attention)
         on_cpu_bf16 = precision == "bf16" and self.device.type == "cpu"
         self.gemm = Bf16Gemm(self.tuner, cfg.gemm) if on_cpu_bf16 and cfg.gemm != "native" else None
+        # With accel.gemm=auto the mode itself is measured: after a step whose shapes are all timed,
+        # it stays only if what it saves exceeds what its dispatch costs ("on" / "off").
+        self.gemm_mode = "on" if cfg.gemm == "fp32" else None
+        self.steps = 0
+        self.pending: list[str] = []
 
     def install(self, model: nn.Module) -> int:
         """Set the tuned kernel on every openmae `Attention` of `model`; returns how many."""
@@ -82,13 +87,37 @@ class Acceleration:
 
     def step(self) -> contextlib.AbstractContextManager:
         """Enter around forward *and* backward."""
-        return self.gemm if self.gemm is not None else contextlib.nullcontext()
+        if self.gemm is None or self.gemm_mode == "off":
+            return contextlib.nullcontext()
+        return self.gemm
+
+    def after_step(self) -> None:
+        """The training loop calls this after every optimizer step: the second step is counted
+        (the first one timed the shapes), and the mode is kept or dropped after it."""
+        if self.gemm is None or self.gemm_mode is not None:
+            return
+        self.steps += 1
+        if self.steps == 1:
+            self.gemm.census = Census()
+        elif self.steps == 2:
+            census, self.gemm.census = self.gemm.census, None
+            saved = self.gemm.saving_per_step(census)
+            overhead = census.ops * dispatch_overhead_s()
+            if saved is None:  # choices restored without their timings: keep what they say
+                self.gemm_mode = "on" if "fp32" in self.gemm.chosen.values() else "off"
+                return
+            self.gemm_mode = "on" if saved > overhead else "off"
+            self.pending.append(
+                f"accel: bf16 GEMM dispatch {self.gemm_mode}: the measured paths save {1e3 * saved:.3g} ms "
+                f"a step, the mode costs {1e3 * overhead:.3g} ms ({census.ops} ops)"
+            )
 
     def report(self) -> list[str]:
         """Lines on the choices measured since the last report: one per attention shape, one for
         all the bf16 matrix products (what the chosen paths cost a step, against each path alone)."""
         measured = self.tuner.take_measured()
-        lines = [
+        lines, self.pending = self.pending, []
+        lines += [
             f"accel: attention {m.key}: {m.choice} ({_ranking(m.seconds)})"
             for m in measured
             if m.kind == "attention"
@@ -106,9 +135,17 @@ class Acceleration:
         return lines
 
     def state_dict(self) -> dict[str, str]:
-        return self.tuner.state_dict()
+        state = self.tuner.state_dict()
+        if self.gemm is not None and self.gemm_mode is not None:
+            state["bf16 gemm:dispatch"] = self.gemm_mode
+        return state
 
     def load_state_dict(self, choices: dict[str, str]) -> None:
+        """A resumed run's choices: the same paths, and the same decision on the GEMM mode."""
+        choices = dict(choices)
+        mode = choices.pop("bf16 gemm:dispatch", None)
+        if mode is not None and self.cfg.gemm == "auto":
+            self.gemm_mode = mode
         self.tuner.load_state_dict(choices)
 
 

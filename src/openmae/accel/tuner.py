@@ -73,10 +73,12 @@ class Autotuner:
         self.cache_file = cache_file
         self.timer = timer
         self.choices: dict[str, str] = {}
+        self.seconds: dict[str, dict[str, float]] = {}  # per entry, every candidate's seconds per run
         self.measured: list[Measurement] = []
         self.measurements = 0  # keys timed by this tuner (not found in memory or the cache)
         if cache_file is not None:
-            self.choices.update(_read_cache(cache_file))
+            for entry, found in _read_cache(cache_file).items():
+                self.choices[entry], self.seconds[entry] = found["choice"], found.get("seconds", {})
 
     def choose(self, kind: str, key: str, candidates: Callable[[], Candidates]) -> str:
         """The fastest candidate's name for `key`; `candidates` builds them only when timing is needed."""
@@ -87,12 +89,16 @@ class Autotuner:
         built = candidates()
         seconds = self.timer(built) if len(built) > 1 else dict.fromkeys(built, 0.0)
         choice = min(seconds, key=seconds.get)
-        self.choices[entry] = choice
+        self.choices[entry], self.seconds[entry] = choice, seconds
         self.measurements += 1
         self.measured.append(Measurement(kind, key, choice, seconds))
         if self.cache_file is not None:
-            _write_cache(self.cache_file, {entry: choice})
+            _write_cache(self.cache_file, {entry: {"choice": choice, "seconds": seconds}})
         return choice
+
+    def seconds_of(self, kind: str, key: str) -> dict[str, float]:
+        """What each candidate cost per run when `key` was measured (empty when it was restored)."""
+        return self.seconds.get(f"{kind}:{key}", {})
 
     def take_measured(self) -> list[Measurement]:
         """The measurements made since the last call."""
@@ -131,14 +137,16 @@ def default_cache_file() -> Path:
     return folder / "autotune.json"
 
 
-def _read_cache(path: Path) -> dict[str, str]:
+def _read_cache(path: Path) -> dict[str, dict]:
+    """This machine's entries `{entry: {"choice": name, "seconds": {name: s}}}`; well-formed ones only."""
     try:
-        return dict(json.loads(path.read_text()).get(machine_fingerprint(), {}))
+        section = json.loads(path.read_text()).get(machine_fingerprint(), {})
+        return {k: v for k, v in section.items() if isinstance(v, dict) and isinstance(v.get("choice"), str)}
     except (OSError, ValueError, AttributeError):  # missing, unreadable or damaged: start afresh
         return {}
 
 
-def _write_cache(path: Path, new: dict[str, str]) -> None:
+def _write_cache(path: Path, new: dict[str, dict]) -> None:
     """Merge `new` into this machine's section; a cache that cannot be written is skipped."""
     try:
         everything = json.loads(path.read_text()) if path.exists() else {}

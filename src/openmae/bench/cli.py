@@ -72,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", default="benchmarks/results", help="output directory (default: %(default)s)")
     parser.add_argument(
-        "--device", default=None, help="cpu or cuda (default: cuda when available; cuda without a GPU is an error)"
+        "--device",
+        default=None,
+        help="cpu or cuda (default: cuda when available; cuda without a GPU is an error)",
     )
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
     parser.add_argument(

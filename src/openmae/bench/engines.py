@@ -162,7 +162,7 @@ class FixedImages:
 class BenchEngine:
     """One engine's training loop on a fixed batch: call `step()` to run one optimizer step.
 
-    The step is `Trainer.optimizer_step`, the one every pretraining run takes: the loop's
+    The step is `Trainer.train_step`, the one every pretraining run takes: the loop's
     precision, acceleration, non-finite guard and optimizer. It returns the (detached) loss without
     synchronising the device.
     """
@@ -208,7 +208,7 @@ class BenchEngine:
         self.model = model
 
     def step(self) -> torch.Tensor:
-        loss, _, _ = self.trainer.optimizer_step(self.batches)
+        loss, _, _ = self.trainer.train_step(self.batches)
         return loss
 
     def paths(self) -> dict[str, str]:

@@ -89,7 +89,7 @@ def _header(m: dict) -> list[str]:
         f"- Matrix-multiply peak (best of start and end of this run), GFLOP/s: {'; '.join(peaks)}",
         f"- Optimizer: {m['optimizer']} (the same for every engine)",
         "",
-        "A step is the training loop's own (`Trainer.optimizer_step`: forward, backward, the "
+        "A step is the training loop's own (`Trainer.train_step`: forward, backward, the "
         "non-finite guard and the optimizer step) on a fixed batch, warm-up steps excluded. "
         "images/s is the median over repeats (min-max beside it); engines run in separate processes "
         "and their repeats are interleaved. Every engine starts from the same weights and sees the "

@@ -41,7 +41,9 @@ def named_configs(device: torch.device) -> dict[str, BenchConfig]:
     return {
         "tiny": BenchConfig("tiny", "mae_vit_tiny_patch4_32", 128, steps=5),
         "base": BenchConfig("base", "mae_vit_base_patch16", 128 if on_gpu else 8, steps=10 if on_gpu else 2),
-        "large": BenchConfig("large", "mae_vit_large_patch16", 64 if on_gpu else 2, steps=10 if on_gpu else 1),
+        "large": BenchConfig(
+            "large", "mae_vit_large_patch16", 64 if on_gpu else 2, steps=10 if on_gpu else 1
+        ),
     }
 
 

@@ -5,7 +5,8 @@ optimizer and the hooks (evaluations at epoch ends); the loop owns everything el
 
 - `fit`: epochs until the planned images are seen (or `max_steps`, or a stop signal);
 - `train_epoch`: this rank's micro-batches of one epoch, with a log line every `log_every` steps;
-- `optimizer_step`: `accum_iter` forward/backward passes in the run's precision, then one update;
+- `train_step` / `optimizer_step`: `accum_iter` forward/backward passes in the run's precision, then
+  one update;
 - `save` / `resume`: checkpoints that continue a run exactly (`engine.checkpointing`).
 
 Scale-out is PyTorch's own: DDP (`no_sync` on non-final micro-steps) or FSDP2 (`fsdp=true`) under
@@ -299,9 +300,7 @@ class Trainer:
             if self.reached_max_steps() or self.stop_requested():
                 bar.close()
                 return True
-            loss, finite, skipped = self.optimizer_step(micro_batches)
-            for hook in self.hooks:
-                hook.after_step(self)
+            loss, finite, skipped = self.train_step(micro_batches)
             epoch.add(loss, finite, skipped, self.global_batch)
             interval.add(loss, finite, skipped, self.global_batch)
             if self.budget is not None:
@@ -326,6 +325,14 @@ class Trainer:
             flag = torch.tensor(float(self.stop.requested), device=self.device)
             self.stop_agreed = bool(all_reduce_sum(flag) > 0)
         return self.stop_agreed
+
+    def train_step(self, micro_batches) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One optimizer step and what follows it (the fast paths' bookkeeping, the hooks)."""
+        result = self.optimizer_step(micro_batches)
+        self.accel.after_step()
+        for hook in self.hooks:
+            hook.after_step(self)
+        return result
 
     def optimizer_step(self, micro_batches) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Accumulate `accum_iter` micro-batches and step. Returns (mean loss, finite flag, skipped images),

@@ -1,0 +1,84 @@
+"""The loop's fast paths as one object: installed kernels, the step context, and the measured decision
+to keep or drop the bf16 GEMM dispatch mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from openmae.accel import AccelConfig, Acceleration
+from openmae.accel import gemm as gemm_module
+from openmae.accel.tuner import Autotuner
+
+
+class FixedTimer:
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+
+    def __call__(self, candidates):
+        return {name: self.seconds[name] for name in candidates}
+
+
+def run_steps(accel: Acceleration, steps: int) -> None:
+    a, b = torch.randn(16, 8, dtype=torch.bfloat16), torch.randn(8, 4, dtype=torch.bfloat16)
+    for _ in range(steps):
+        with accel.step():
+            for _ in range(3):
+                a @ b
+        accel.after_step()
+
+
+def accel_with(seconds: dict[str, float], overhead_s: float, monkeypatch) -> Acceleration:
+    monkeypatch.setattr("openmae.accel.dispatch_overhead_s", lambda: overhead_s)
+    tuner = Autotuner(timer=FixedTimer(seconds))
+    return Acceleration(AccelConfig(cache=False), torch.device("cpu"), "bf16", tuner=tuner)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "overhead_s", "mode"),
+    [
+        ({"native": 8e-3, "fp32": 1e-3}, 1e-6, "on"),  # fp32 products save far more than dispatch costs
+        ({"native": 1e-3, "fp32": 2e-3}, 1e-6, "off"),  # native wins: nothing to save
+        ({"native": 1.1e-3, "fp32": 1e-3}, 1e-3, "off"),  # a small saving, eaten by the dispatch cost
+    ],
+)
+def test_the_gemm_mode_stays_only_where_it_saves_more_than_it_costs(monkeypatch, seconds, overhead_s, mode):
+    accel = accel_with(seconds, overhead_s, monkeypatch)
+    run_steps(accel, 2)
+    assert accel.gemm_mode == mode
+    assert accel.state_dict()["bf16 gemm:dispatch"] == mode
+    lines = accel.report()
+    assert any(f"dispatch {mode}" in line for line in lines)
+    calls = []
+
+    def counting(self, func, types, args=(), kwargs=None):
+        calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(gemm_module.Bf16Gemm, "__torch_dispatch__", counting)
+    with accel.step():  # "off": the step runs without the mode at all
+        torch.zeros(2) + 1
+    assert bool(calls) == (mode == "on")
+
+
+def test_a_resumed_run_keeps_the_decision(monkeypatch):
+    first = accel_with({"native": 8e-3, "fp32": 1e-3}, 1e-6, monkeypatch)
+    run_steps(first, 2)
+    second = accel_with({"native": 1e-3, "fp32": 8e-3}, 1e-6, monkeypatch)
+    second.load_state_dict(first.state_dict())
+    run_steps(second, 3)
+    assert second.gemm_mode == "on" and second.state_dict() == first.state_dict()
+
+
+def test_fp32_and_native_forced_need_no_decision(monkeypatch):
+    forced = Acceleration(AccelConfig(gemm="fp32", cache=False), torch.device("cpu"), "bf16")
+    run_steps(forced, 3)
+    assert forced.gemm_mode == "on"
+    native = Acceleration(AccelConfig(gemm="native", cache=False), torch.device("cpu"), "bf16")
+    assert native.gemm is None and "bf16 gemm:dispatch" not in native.state_dict()
+    fp32_run = Acceleration(AccelConfig(cache=False), torch.device("cpu"), "fp32")
+    assert fp32_run.gemm is None  # nothing to decide for an fp32 run
+
+
+def test_the_dispatch_overhead_is_measured_positive():
+    assert 0 <= gemm_module.dispatch_overhead_s() < 1e-3
