@@ -83,3 +83,15 @@ def test_restored_choices_win_over_measurement():
 def test_the_real_timer_ranks_a_slow_candidate_last():
     seconds = time_candidates({"fast": lambda: None, "slow": lambda: sum(range(20000))}, budget_s=0.01)
     assert seconds["fast"] < seconds["slow"]
+
+
+def test_within_the_noise_the_plainer_candidate_wins():
+    # "plain" is listed first: a rival 2% faster is noise, one 10% faster is not.
+    assert (
+        Autotuner(timer=FakeTimer({"plain": 1.0, "fast": 0.98})).choose("k", "a", runs("plain", "fast"))
+        == "plain"
+    )
+    assert (
+        Autotuner(timer=FakeTimer({"plain": 1.0, "fast": 0.90})).choose("k", "b", runs("plain", "fast"))
+        == "fast"
+    )

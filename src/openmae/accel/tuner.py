@@ -27,6 +27,9 @@ Candidates = dict[str, Callable[[], object]]  # name -> runs the work once
 Timer = Callable[[Candidates], dict[str, float]]  # -> seconds per run, per name
 
 BUDGET_S = 0.3  # timing budget per key; a candidate gets at least 3 timed runs whatever it costs
+# A candidate must beat the ones listed before it (the plainer paths come first) by more than this
+# share to be chosen: smaller differences are the measuring noise, and the plain path wins them.
+NOISE = 0.03
 
 
 def time_candidates(candidates: Candidates, budget_s: float = BUDGET_S) -> dict[str, float]:
@@ -81,14 +84,16 @@ class Autotuner:
                 self.choices[entry], self.seconds[entry] = found["choice"], found.get("seconds", {})
 
     def choose(self, kind: str, key: str, candidates: Callable[[], Candidates]) -> str:
-        """The fastest candidate's name for `key`; `candidates` builds them only when timing is needed."""
+        """The fastest candidate's name for `key` (the first listed among those within `NOISE` of the
+        fastest); `candidates` builds them, plainest first, only when timing is needed."""
         entry = f"{kind}:{key}"
         found = self.choices.get(entry)
         if found is not None:
             return found
         built = candidates()
         seconds = self.timer(built) if len(built) > 1 else dict.fromkeys(built, 0.0)
-        choice = min(seconds, key=seconds.get)
+        fastest = min(seconds.values())
+        choice = next(name for name in built if seconds[name] <= fastest * (1 + NOISE))
         self.choices[entry], self.seconds[entry] = choice, seconds
         self.measurements += 1
         self.measured.append(Measurement(kind, key, choice, seconds))

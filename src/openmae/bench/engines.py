@@ -116,6 +116,9 @@ def build_model(spec: EngineSpec, config: MAEConfig, seed: int) -> nn.Module:
         from openmae.interop import export_hf
 
         hf_config, state = export_hf(reference)
+        # Set before building: the decoder copies the config, and `set_attn_implementation` after the
+        # fact leaves the decoder on SDPA (transformers 5).
+        hf_config._attn_implementation = spec.attn
         model = require("transformers").ViTMAEForPreTraining(hf_config)
         model.set_attn_implementation(spec.attn)
         model.load_state_dict(state, strict=True)
