@@ -26,9 +26,9 @@ from openmae.data import (
     read_image,
 )
 from openmae.data import decode as decode_module
+from openmae.data.decode import resolve_decoder
 from openmae.data.jpeg import decode_crops, draft_decode
 from openmae.data.sampler import SeededDataset, seeded_rng
-from openmae.data.decode import resolve_decoder
 from openmae.data.turbo import TurboJpegPretrainTransform, turbo_crops
 from openmae.extras import MissingExtraError
 
