@@ -57,7 +57,9 @@ def turbo_crops(data: bytes, boxes: Sequence[Box], size: Size) -> list[tuple[tor
         # Decoded pixel i covers full-size pixels [i * reduce, (i + 1) * reduce).
         rows = _decoded_span(top, box_h, reduce, decoded.shape[0])
         cols = _decoded_span(left, box_w, reduce, decoded.shape[1])
-        crop = F.resize(image[:, :, rows, cols], [out_h, out_w], InterpolationMode.BICUBIC, antialias=True)[0]
+        # A contiguous channels-last copy: the resampling kernel runs ~2x faster on it than on a view.
+        region = image[:, :, rows, cols].contiguous(memory_format=torch.channels_last)
+        crop = F.resize(region, [out_h, out_w], InterpolationMode.BICUBIC, antialias=True)[0]
         covered = (
             rows.start * reduce,
             cols.start * reduce,
