@@ -26,9 +26,10 @@ from openmae.data import (
     read_image,
 )
 from openmae.data import decode as decode_module
+from openmae.data.decode import resolve_decoder
 from openmae.data.jpeg import decode_crops, draft_decode
 from openmae.data.sampler import SeededDataset, seeded_rng
-from openmae.data.turbo import TurboJpegPretrainTransform, resolve_decoder, turbo_crop
+from openmae.data.turbo import TurboJpegPretrainTransform, turbo_crops
 from openmae.extras import MissingExtraError
 
 WIDTH, HEIGHT = 500, 333  # an ImageNet-like photo; the odd height must not stop the reduction
@@ -111,14 +112,14 @@ def test_training_folders_of_rgb_jpegs_take_the_fast_path_and_nothing_else(tmp_p
 def test_fast_item_is_normalised_and_replayed_exactly_from_its_seed(tmp_path):
     save_photo(jpeg_folder(tmp_path) / "gray.jpg", mode="L")
     dataset = SeededDataset(build_dataset(DataConfig(path=str(tmp_path)), "train", 64, 3))
-    image, label, seed = dataset[0, 1234]
-    assert image.shape == (3, 64, 64) and label == -1 and seed == 1234
+    (image,), label, seeds = dataset[0, (1234,)]
+    assert image.shape == (3, 64, 64) and label == -1 and seeds == (1234,)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     pixels = image * std + mean
     assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6 and image.min() < 0
-    assert torch.equal(dataset[0, 1234][0], image)  # a resumed run sees the same crop and flip
-    assert not torch.equal(dataset[0, 1235][0], image)
-    gray = dataset[2, 0][0] * std + mean  # a grayscale JPEG repeated to RGB, as `read_image` does
+    assert torch.equal(dataset[0, (1234,)][0][0], image)  # a resumed run sees the same crop and flip
+    assert not torch.equal(dataset[0, (1235,)][0][0], image)
+    gray = dataset[2, (0,)][0][0] * std + mean  # a grayscale JPEG repeated to RGB, as `read_image` does
     torch.testing.assert_close(gray[0], gray[1], atol=1e-6, rtol=0)
 
 
@@ -172,7 +173,7 @@ def test_turbo_crop_matches_the_full_decode_crop_of_the_box_it_covers(photo, box
         return decoded[-1]
 
     monkeypatch.setattr(simplejpeg, "decode_jpeg", spy)
-    crop, covered = turbo_crop(photo.read_bytes(), box, size)
+    ((crop, covered),) = turbo_crops(photo.read_bytes(), [box], size)
     turbo = crop.float() / 255  # [3, size, size]
     full = read_image(photo, "rgb")
     top, left, h, w = box

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from openmae.data.jpeg import crop_boxes, decode_crops, draft_crops
+from openmae.data import IMAGENET_MEAN, IMAGENET_STD, JpegPretrainTransform
+from openmae.data.jpeg import decode_crops, draw_views
 
 
 @pytest.fixture
@@ -28,11 +28,9 @@ def test_draft_decode_matches_full_decode(photo):
         assert diff.mean() < 2.0  # out of 255
 
 
-def test_draft_crops_give_the_views_asked_for(photo):
-    torch.manual_seed(0)
-    crops = draft_crops(photo, 64, views=3)
-    assert [c.size for c in crops] == [(64, 64)] * 3
-    with Image.open(photo) as image:
-        for top, left, h, w in crop_boxes(image, 20):
-            assert 0 <= top and top + h <= 480 and 0 <= left and left + w <= 640
-            assert 0.2 * 480 * 640 * 0.99 <= h * w
+def test_views_are_the_ones_asked_for_with_boxes_inside_the_image(photo):
+    views = JpegPretrainTransform(64, IMAGENET_MEAN, IMAGENET_STD).views(photo, seeds=(1, 2, 3))
+    assert views.shape == (3, 3, 64, 64)
+    for top, left, h, w in (view.box for view in draw_views(480, 640, range(20), (0.2, 1.0), True)):
+        assert 0 <= top and top + h <= 480 and 0 <= left and left + w <= 640
+        assert 0.2 * 480 * 640 * 0.99 <= h * w

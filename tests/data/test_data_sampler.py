@@ -39,10 +39,10 @@ class _Noisy(torch.utils.data.Dataset):
 
 def test_seeded_items_replay_and_unreadable_items_are_counted():
     data = SeededDataset(_Noisy())
-    a, b = data[(0, 123)], data[(0, 123)]
-    assert torch.equal(a[0], b[0]) and a[2] == 123
-    assert not torch.equal(data[(0, 124)][0], a[0])
-    images, labels, seeds, skipped = collate_seeded([data[(i, 7)] for i in range(4)])
+    a, b = data[(0, (123,))], data[(0, (123,))]
+    assert torch.equal(a[0], b[0]) and a[2] == (123,)
+    assert not torch.equal(data[(0, (124,))][0], a[0])
+    images, labels, seeds, skipped = collate_seeded([data[(i, (7,))] for i in range(4)])
     assert images.shape == (3, 1, 2, 2) and skipped == 1 and labels.tolist() == [0, 1, 3]
 
 
@@ -66,6 +66,6 @@ class _Fixed(torch.utils.data.Dataset):
 def test_datasets_without_randomness_are_read_unseeded():
     torch.manual_seed(0)
     data = SeededDataset(_Fixed())
-    first, again = data[(0, 5)], data[(0, 5)]
-    assert first[2] == 5 and first[1] == 0
+    first, again = data[(0, (5,))], data[(0, (5,))]
+    assert first[2] == (5,) and first[1] == 0
     assert not torch.equal(first[0], again[0])  # the global stream advanced: no seeding took place

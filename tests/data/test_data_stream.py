@@ -37,11 +37,11 @@ class MemoryShards:
             yield Record(b"", f"{self.names[shard]}:{i}", self.firsts[shard] + i)
 
 
-def fake_item(record, seed):
-    """No decoding: the sample id as the label, its seed, and an image that depends on the seed."""
+def fake_item(record, seeds):
+    """No decoding: the sample id as the label, its seeds, and views that depend on the seeds."""
     if record is None:
         return None
-    return torch.full((1, 2, 2), float(seed % 1000)), record.label, seed
+    return torch.stack([torch.full((1, 2, 2), float(seed % 1000)) for seed in seeds]), record.label, seeds
 
 
 def run_epoch(feed, epoch=0, start=0):

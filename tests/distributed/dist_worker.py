@@ -8,7 +8,9 @@ test can tell a finished run from one that crashed, whatever the launcher's exit
 With `CHECK_COLLECTIVES=1` in the environment each rank then also runs the evaluation helpers of
 `openmae.distributed` on a small index set, in the run's process group, and writes what it got to
 `<output_dir>/collectives-rank<R>.json`. With `START_METHOD=spawn` (or `fork`, `forkserver`) the
-data-loading workers start that way instead of the platform's default.
+data-loading workers start that way instead of the platform's default. With `RECORD_SAMPLES=1`
+each rank appends the labels and seeds of every pretraining micro-batch it trains on to
+`<output_dir>/samples-rank<R>.jsonl` (one line a micro-batch).
 
 Ranks share one stdout: every marker goes out in a single `write` (atomic on a pipe), as a `print`
 of text and newline is two writes that another rank's output can land between.
@@ -46,6 +48,21 @@ def check_collectives(out_dir: Path) -> int:
     return 0
 
 
+def record_samples(out_dir: Path) -> None:
+    from openmae.engine.tasks import PretrainTask
+
+    path = out_dir / f"samples-rank{os.environ.get('RANK', '0')}.jsonl"
+    loss_of_batch = PretrainTask.__call__
+
+    def recorded(self, model, batch, device):
+        _, labels, seeds = batch
+        with path.open("a") as f:
+            f.write(json.dumps({"labels": labels.tolist(), "seeds": seeds.tolist()}) + "\n")
+        return loss_of_batch(self, model, batch, device)
+
+    PretrainTask.__call__ = recorded
+
+
 def run_cli(argv: list[str]) -> int:
     from openmae.cli import main
 
@@ -53,6 +70,8 @@ def run_cli(argv: list[str]) -> int:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"pid-rank{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
+        if os.environ.get("RECORD_SAMPLES") == "1":
+            record_samples(out_dir)
     return main(argv)
 
 

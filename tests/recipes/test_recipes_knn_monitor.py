@@ -26,8 +26,8 @@ def test_knn_every_needs_labelled_images(tmp_path, capsys):
     images.mkdir()
     from PIL import Image
 
-    for i in range(4):
-        Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(images / f"{i}.png")
+    for i in range(8):  # a global batch
+        Image.new("RGB", (32, 32), (i * 30, 0, 0)).save(images / f"{i}.png")
     tiny = [arg for arg in TINY if arg != "data.dataset=synthetic"]  # the command line gives a key once
     code = main(["pretrain", *tiny, "knn_every=1", "data.dataset=folder", f"data.path={images}",
                  f"data.val_path={images}", f"output_dir={tmp_path / 'run'}"])  # fmt: skip

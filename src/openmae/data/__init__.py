@@ -1,8 +1,10 @@
 """Data: image folders, Fashion-MNIST, synthetic images, transforms, mean/std, loaders.
 
 Pretraining on JPEGs decodes at reduced size when the random crop allows (`jpeg`, with PIL;
-`turbo`, with libjpeg-turbo). Streamed training data (`feed`: webdataset tar shards from `shards`,
-HF datasets' files from `hf`) comes from `build_feed`; those modules load when used.
+`turbo`, with libjpeg-turbo), or on the GPU (`gpu`). Pretraining reads its data through
+`build_feed`: map-style datasets through `feed.MapFeed`, streamed ones (`stream`: webdataset tar
+shards from `shards`, HF datasets' files from `hf`) through `stream.StreamFeed`, with repeated
+views (`data.views`) in both; the streaming modules load when used.
 
 Every dataset yields `(image [C, H, W] float, label)`; folder datasets yield None for a file that
 cannot be decoded, which `collate_skip` drops and counts in `Batch.num_skipped`.

@@ -1,8 +1,10 @@
 """`DataConfig`, `build_dataset` and `build_feed`: from the data section of a run's config to the data.
 
-Map-style datasets (folders, Fashion-MNIST, synthetic images, HF datasets) come from
-`build_dataset`; streamed ones (webdataset shards, HF datasets with `streaming=true`) train through
-a `TrainFeed` from `build_feed` and validate, if at all, on a map-style set from `build_dataset`.
+Pretraining reads its training data through a `TrainFeed` from `build_feed`: map-style datasets
+(folders, Fashion-MNIST, synthetic images, HF datasets) through a `MapFeed`, streamed ones
+(webdataset shards, HF datasets with `streaming=true`) through a `StreamFeed`; with repeated
+views and GPU decoding there too. Validation sets, and the other recipes' data, come from
+`build_dataset`.
 """
 
 from __future__ import annotations
@@ -11,16 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch.utils.data import Dataset
 
-from openmae.data.decode import ImageLoader, JpegTransform, Transform
+from openmae.data.decode import DECODERS, ImageLoader, JpegTransform, Transform, jpeg_pretrain_transform
 from openmae.data.fashion_mnist import FashionMNIST
 from openmae.data.folder import ImageFolderDataset, has_class_folders, list_classes
 from openmae.data.images import Channels
 from openmae.data.loader import default_num_workers
 from openmae.data.synthetic import SyntheticImages
 from openmae.data.transforms import Size, default_mean_std, eval_transform, pretrain_transform
-from openmae.data.turbo import DECODERS, jpeg_pretrain_transform
+from openmae.errors import UsageError
 
 if TYPE_CHECKING:
     from openmae.data.feed import TrainFeed
@@ -76,7 +79,16 @@ class DataConfig:
         default="auto",
         metadata={
             "help": "JPEG decoder of the fast path: pil (draft mode, 1/2-1/8) | turbo (libjpeg-turbo "
-            "via simplejpeg, any n/8 scale; the turbo extra) | auto (turbo when installed, else pil)"
+            "via simplejpeg, 1/2-1/8; the turbo extra) | auto (turbo when installed, else pil) | gpu "
+            "(pretraining on CUDA: nvJPEG, batched, crops on the GPU; the workers only read files)"
+        },
+    )
+    views: int = field(
+        default=1,
+        metadata={
+            "help": "pretraining: augmented views per decoded image (repeated sampling); a micro-batch "
+            "is batch_size / views images x views views, each view its own crop, flip and mask; an "
+            "epoch stays batch-size independent in samples, so it reads 1/views of the images"
         },
     )
     manifest: str | None = field(
@@ -86,8 +98,8 @@ class DataConfig:
     epoch_images: int | None = field(
         default=None,
         metadata={
-            "help": "streamed datasets: images per epoch over all ranks (none: all of them), rounded "
-            "down to a multiple of the global batch"
+            "help": "streamed datasets: training samples per epoch over all ranks (none: as many as "
+            "images), rounded down to a multiple of the global batch"
         },
     )
     shuffle_buffer: int = field(
@@ -128,6 +140,8 @@ class DataConfig:
             raise ValueError(f"data.decoder must be one of {', '.join(DECODERS)}; got {self.decoder!r}")
         if self.epoch_images is not None and self.epoch_images < 1:
             raise ValueError(f"data.epoch_images must be at least 1, got {self.epoch_images}")
+        if self.views < 1:
+            raise ValueError(f"data.views must be at least 1, got {self.views}")
 
     @property
     def streamed(self) -> bool:
@@ -178,6 +192,14 @@ def build_dataset(
         raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}; got {cfg.dataset!r}")
     if split == "train" and cfg.streamed:
         raise ValueError(f"data.dataset={cfg.dataset} is streamed in training: build it with build_feed")
+    if split == "train" and train_transform and not raw and cfg.decoder == "gpu":
+        raise ValueError("data.decoder=gpu decodes in the training feed: build it with build_feed")
+    return _build_dataset(cfg, split, img_size, in_chans, train_transform, raw)
+
+
+def _build_dataset(
+    cfg: DataConfig, split: str, img_size: Size, in_chans: int, train_transform: bool, raw: bool
+) -> Dataset | None:
     channels = _resolve_channels(cfg.channels, in_chans)
     transform = jpeg_transform = None
     if not raw:
@@ -208,38 +230,67 @@ def build_feed(
     seed: int = 0,
     rank: int | None = None,
     world_size: int | None = None,
-    pin_memory: bool = False,
-) -> TrainFeed | None:
-    """The training feed of a streamed dataset (`cfg.streamed`), None for a map-style one.
+    device: torch.device | str = "cpu",
+    dataset: Dataset | None = None,
+) -> TrainFeed:
+    """The pretraining feed: `cfg`'s training images (or `dataset`'s, a map-style set of augmented
+    `(image, label)` items that replaces them), augmented, in micro-batches.
 
-    Micro-batches of `batch_size` augmented images; the epoch is a multiple of batch_size x
-    accum_iter x world_size images; `seed` is the run seed; rank and world size default to
-    torch.distributed's. See `openmae.data.stream` for the order and what a resume replays.
+    Micro-batches of `batch_size` samples (`batch_size / cfg.views` images, `views` views each);
+    the epoch is a multiple of batch_size x accum_iter x world_size samples; `seed` is the run
+    seed; rank and world size default to torch.distributed's. Batches are pinned for, and with
+    `data.decoder=gpu` decoded on, `device`. See `openmae.data.feed` and `openmae.data.stream`
+    for the order and what a resume replays.
 
     Raises:
-        UsageError: missing shards or dataset files, too few images for one global batch.
+        UsageError: missing shards or dataset files, too few images for one global batch, a
+            batch_size that is not a multiple of data.views, data.decoder=gpu without CUDA.
         MissingExtraError: webdataset / datasets / pyarrow not installed.
     """
+    from openmae.data.feed import MapFeed
+    from openmae.data.stream import rank_and_world
+
+    device = torch.device(device)
+    if batch_size % cfg.views:
+        raise UsageError(
+            f"batch_size={batch_size} is not a multiple of data.views={cfg.views}: a micro-batch is "
+            "batch_size / views images x views views"
+        )
+    gpu = cfg.decoder == "gpu" and dataset is None
+    if gpu and device.type != "cuda":
+        raise UsageError(
+            f"data.decoder=gpu decodes JPEGs on a CUDA GPU, and this run's device is {device}; "
+            "use data.decoder=auto (turbo or pil, in the loader workers)"
+        )
+    rank, world_size = rank_and_world(rank, world_size)
+    options = {"seed": seed, "rank": rank, "world_size": world_size, "views": cfg.views}
+    options |= {"num_workers": cfg.resolved_num_workers(), "pin_memory": device.type == "cuda"}
     if not cfg.streamed:
-        return None
-    from openmae.data.stream import DecodedItem, StreamFeed  # the streaming stack loads when used
+        if dataset is None:
+            dataset = _build_dataset(cfg, "train", img_size, in_chans, train_transform=True, raw=False)
+        global_batch = batch_size * accum_iter * world_size
+        if len(dataset) < global_batch:
+            raise UsageError(f"{len(dataset)} training images do not fill a global batch of {global_batch}")
+        feed = MapFeed(dataset, batch_size, global_batch, **options)
+    else:
+        feed = _stream_feed(cfg, img_size, in_chans, batch_size, accum_iter, options)
+    if not gpu:
+        return feed
+    from openmae.data.gpu import GpuDecodedFeed, GpuJpegDecoder
+
+    return GpuDecodedFeed(feed, GpuJpegDecoder(img_size, *dataset_mean_std(cfg, in_chans), device))
+
+
+def _stream_feed(cfg: DataConfig, img_size: Size, in_chans: int, batch_size: int, accum_iter: int, options):
+    from openmae.data.stream import DecodedItem, StreamFeed
 
     channels = _resolve_channels(cfg.channels, in_chans)
     transform, jpeg_transform = _train_transforms(cfg, img_size, in_chans, channels)
     if cfg.path is None:
         raise ValueError(f"data.path must name the data for data.dataset={cfg.dataset!r}")
     item = DecodedItem(ImageLoader(channels, transform, jpeg_transform))
-    options = {
-        "batch_size": batch_size,
-        "accum_iter": accum_iter,
-        "seed": seed,
-        "rank": rank,
-        "world_size": world_size,
-        "num_workers": cfg.resolved_num_workers(),
-        "shuffle_buffer": cfg.shuffle_buffer,
-        "epoch_images": cfg.epoch_images,
-        "pin_memory": pin_memory,
-    }
+    options = {**options, "batch_size": batch_size, "accum_iter": accum_iter}
+    options |= {"shuffle_buffer": cfg.shuffle_buffer, "epoch_images": cfg.epoch_images}
     if cfg.dataset == "webdataset":
         from openmae.data.shards import WebDatasetFeed
 
@@ -253,11 +304,13 @@ def build_feed(
 def _train_transforms(
     cfg: DataConfig, img_size: Size, in_chans: int, channels: Channels
 ) -> tuple[Transform, JpegTransform | None]:
-    """The pretraining transform, and the same augmentation fused with a reduced-size JPEG decode
-    (for RGB input with `fast_decode`; `decoder` picks PIL or libjpeg-turbo)."""
+    """The pretraining transform, and the same augmentation fused with the JPEG decode of
+    `decoder` (for RGB input with `fast_decode`: PIL, libjpeg-turbo or the GPU)."""
     mean, std = dataset_mean_std(cfg, in_chans)
     transform = pretrain_transform(img_size, mean, std, cfg.crop_scale, cfg.hflip)
     if not (cfg.fast_decode and channels in ("rgb", 3)):
+        if cfg.decoder == "gpu":
+            raise ValueError("data.decoder=gpu needs RGB input and data.fast_decode=true")
         return transform, None
     return transform, jpeg_pretrain_transform(cfg.decoder, img_size, mean, std, cfg.crop_scale, cfg.hflip)
 

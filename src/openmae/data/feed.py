@@ -4,10 +4,15 @@
 Fashion-MNIST, `datasets` on disk, cached features): a seeded shuffle per epoch, dealt out to the
 ranks, each sample with its own random seed (see `data.sampler`), read by DataLoader workers.
 Streaming sources (tar shards, parquet files) are `data.stream.StreamFeed`s.
+
+With repeated views (`views = k`) a micro-batch of B samples holds B / k images, k augmented views
+of each (rows i k ... i k + k - 1 from image i), every view with its own seed, so its own crop,
+flip and masking noise.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -24,7 +29,7 @@ MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 class TrainFeed(Protocol):
     """This rank's micro-batches, replayable from any optimizer step."""
 
-    epoch_images: int  # images per epoch over all ranks: a multiple of the global batch
+    epoch_images: int  # training samples (views) per epoch over all ranks: a multiple of the global batch
 
     def batches(self, epoch: int, start: int) -> Iterator[MicroBatch]:
         """The micro-batches of `epoch` after its first `start` images (counted over all ranks, a
@@ -41,13 +46,14 @@ class MapFeed:
 
     Args:
         dataset: the training items.
-        batch_size: images per micro-batch on this rank.
-        global_batch: images per optimizer step over all ranks (batch x accumulation x world size);
+        batch_size: training samples per micro-batch on this rank (batch_size / views images).
+        global_batch: samples per optimizer step over all ranks (batch x accumulation x world size);
             an epoch is cut to a multiple of it.
         seed: run seed (order and per-sample seeds).
         rank, world_size: this process's share: positions rank, rank + W, ... of the epoch.
         num_workers: DataLoader worker processes.
         pin_memory: page-locked host memory, for a GPU.
+        views: augmented views per image read (a divisor of `batch_size`); see `data.sampler`.
     """
 
     def __init__(
@@ -60,15 +66,18 @@ class MapFeed:
         world_size: int = 1,
         num_workers: int = 0,
         pin_memory: bool = False,
+        views: int = 1,
     ) -> None:
-        self.sampler = SeededSampler(len(dataset), global_batch, seed=seed, rank=rank, world_size=world_size)
+        if batch_size % views:
+            raise ValueError(f"a micro-batch of {batch_size} samples is not whole images of {views} views")
+        self.sampler = SeededSampler(len(dataset), global_batch, seed, rank, world_size, views)
         self.epoch_images = self.sampler.epoch_length
         self.loader = DataLoader(
             SeededDataset(dataset),
-            batch_size=batch_size,
+            batch_size=batch_size // views,  # images
             sampler=self.sampler,
             num_workers=num_workers,
-            collate_fn=collate_seeded,
+            collate_fn=functools.partial(collate_seeded, views=views),
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             worker_init_fn=ignore_sigterm,

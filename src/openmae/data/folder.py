@@ -6,6 +6,7 @@ for them, warns once per file, and `collate_skip` drops and counts them.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from openmae import extras
-from openmae.data.decode import load_image
+from openmae.data.decode import load_image, load_views
 from openmae.data.images import (
     IMAGE_EXTENSIONS,
     Channels,
@@ -140,19 +141,27 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        return self._read(index, load_image)
+
+    def views(self, index: int, seeds: Sequence[int]) -> tuple[torch.Tensor, int] | None:
+        """`(views [k, C, H, W], label)`: the file decoded once, view i augmented under `seeds[i]`
+        (`SeededDataset` calls it), or None for an unreadable file."""
+        return self._read(index, functools.partial(load_views, seeds=seeds))
+
+    def _read(self, index: int, load: Callable) -> tuple[torch.Tensor, int] | None:
+        """`load(path, channels=, transform=, jpeg_transform=)` of item `index` with its label, or
+        None for an unreadable file."""
         path, label = self.samples[index]
         try:
-            image = self._load(path)
+            image = load(
+                path, channels=self.channels, transform=self.transform, jpeg_transform=self.jpeg_transform
+            )
         except UnreadableImageError as error:
             # Each worker process holds its own copy of `_warned`, so a file warns at most once per worker.
             if path not in self._warned:
                 self._warned.add(path)
                 warnings.warn(
-                    f"skipping unreadable image {path}: {error.__cause__}", UnreadableImageWarning, 2
+                    f"skipping unreadable image {path}: {error.__cause__}", UnreadableImageWarning, 3
                 )
             return None
         return image, label
-
-    def _load(self, path: Path) -> torch.Tensor:
-        """The decoded, transformed image; raises `UnreadableImageError`."""
-        return load_image(path, self.channels, self.transform, self.jpeg_transform)

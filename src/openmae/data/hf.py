@@ -13,8 +13,9 @@ the Arrow files of a saved dataset; neither is copied into a cache first.
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from openmae import extras
-from openmae.data.decode import JpegTransform, Transform, load_image
+from openmae.data.decode import JpegTransform, Transform, load_image, load_views
 from openmae.data.folder import UnreadableImageWarning
 from openmae.data.images import Channels, UnreadableImageError
 from openmae.data.stream import Record
@@ -135,15 +136,28 @@ class HFImageDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        return self._read(index, load_image)
+
+    def views(self, index: int, seeds: Sequence[int]) -> tuple[torch.Tensor, int] | None:
+        """`(views [k, C, H, W], label)`: the image decoded once, view i augmented under `seeds[i]`
+        (`SeededDataset` calls it), or None for an unreadable image."""
+        return self._read(index, functools.partial(load_views, seeds=seeds))
+
+    def _read(self, index: int, load: Callable) -> tuple[torch.Tensor, int] | None:
+        """`load(data, channels=, transform=, jpeg_transform=, name=)` of row `index` with its
+        label, or None for an unreadable image."""
         record = self.columns.record(self.dataset[index], f"row {index}")
         try:
             if record.data is None:
                 raise UnreadableImageError("no image in the row")
-            image = load_image(record.data, self.channels, self.transform, self.jpeg_transform, record.name)
+            image = load(
+                record.data, channels=self.channels, transform=self.transform,
+                jpeg_transform=self.jpeg_transform, name=record.name,
+            )  # fmt: skip
         except UnreadableImageError as error:
             if index not in self._warned:  # once per row and worker, as for image folders
                 self._warned.add(index)
-                warnings.warn(f"skipping unreadable image {record.name}: {error}", UnreadableImageWarning, 2)
+                warnings.warn(f"skipping unreadable image {record.name}: {error}", UnreadableImageWarning, 3)
             return None
         return image, record.label
 

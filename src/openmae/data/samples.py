@@ -39,3 +39,27 @@ def make_photo_folder(root: str | Path, sizes: Sequence[int] = PHOTO_SIZES, qual
             resized = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
             resized.save(root / f"{name}_{size}.jpg", quality=quality)
     return root
+
+
+def make_sized_photos(
+    root: str | Path, size: tuple[int, int], copies: int = 1, quality: int = 90, seed: int = 0
+) -> list[Path]:
+    """Write every sample photo `copies` times as a JPEG of exactly `size` = (width, height): each
+    copy a seeded crop (80-100% of the largest window of that aspect) resized by bicubic, so the
+    copies are distinct images. Returns the files written."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    width, height = size
+    files = []
+    for name, array in sample_photos().items():
+        image = Image.fromarray(array).convert("RGB")
+        fit = min(image.width / width, image.height / height)  # the largest window of the aspect
+        for copy in range(copies):
+            scale = fit * rng.uniform(0.8, 1.0)
+            w, h = width * scale, height * scale
+            left, top = rng.uniform(0, image.width - w), rng.uniform(0, image.height - h)
+            window = image.resize(size, Image.BICUBIC, box=(left, top, left + w, top + h))
+            files.append(root / f"{name}_{copy:03d}.jpg")
+            window.save(files[-1], quality=quality)
+    return files

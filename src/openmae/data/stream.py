@@ -15,8 +15,13 @@ read front to back, so the order is planned per epoch instead, from the shards' 
    buffer produces depends only on the lane's length and seed, so it is computed up front
    (`buffer_shuffle_order`) and the reading holds at most a buffer's worth of encoded samples.
 4. Micro-batch k of rank r comes from lane k mod L (L lanes per rank, one per worker), and its
-   sample j gets the position (k * B + j) * R + r and `sample_seed(run_seed, epoch, position)`,
+   image j gets the position (k * B + j) * R + r and `sample_seed(run_seed, epoch, position)`,
    as the map-style path numbers positions. The seed drives the augmentation and masking noise.
+
+With repeated views (`views = k`, see `data.sampler`) a micro-batch of B samples is B / k images
+times k views, view v of the image at position p seeded by sample position p k + v; an epoch keeps
+its length in samples, so it reads 1/k of the images, and k epochs make a pass: one shard shuffle
+(seeded by run seed + pass), laid end to end and cut into the lanes of its k epochs in turn.
 
 Resuming at image `start` of an epoch (a multiple of the global batch) replays exactly the
 remaining micro-batches, with the same samples and seeds, of the uninterrupted epoch: each lane
@@ -50,7 +55,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from openmae.data.feed import MicroBatch
 from openmae.data.folder import UnreadableImageWarning
 from openmae.data.images import UnreadableImageError
-from openmae.data.sampler import collate_seeded, sample_seed, seeded_rng
+from openmae.data.sampler import collate_seeded, sample_seed, view_seeds
 from openmae.distributed import ignore_sigterm
 from openmae.errors import UsageError
 
@@ -82,10 +87,11 @@ class Segment(NamedTuple):
     end: int
 
 
-def lane_sizes(epoch_images: int, batch_size: int, world_size: int, lanes: int) -> list[int]:
-    """Samples per lane in one epoch, lanes numbered rank * lanes + lane (lane = micro-batch mod lanes)."""
+def lane_sizes(epoch_images: int, batch_size: int, world_size: int, lanes: int, views: int = 1) -> list[int]:
+    """Images per lane in one epoch of `epoch_images` samples, lanes numbered rank * lanes + lane
+    (lane = micro-batch mod lanes); a micro-batch of `batch_size` samples holds batch_size / views images."""
     per_rank = epoch_images // (batch_size * world_size)  # micro-batches of each rank
-    per_lane = [len(range(lane, per_rank, lanes)) * batch_size for lane in range(lanes)]
+    per_lane = [len(range(lane, per_rank, lanes)) * (batch_size // views) for lane in range(lanes)]
     return per_lane * world_size
 
 
@@ -187,15 +193,22 @@ def _read_lane(
 
 @dataclass(frozen=True)
 class Layout:
-    """Who reads what: this rank of `world_size`, `lanes` loader lanes per rank, micro-batch size."""
+    """Who reads what: this rank of `world_size`, `lanes` loader lanes per rank, micro-batch size
+    in samples, and views per image."""
 
     rank: int
     world_size: int
     lanes: int
     batch_size: int
+    views: int = 1
+
+    @property
+    def images_per_batch(self) -> int:
+        return self.batch_size // self.views
 
 
-ItemFn = Callable[[Record | None, int], tuple | None]  # (record, seed) -> (image, label, seed) or None
+# (record, seeds) -> (views [k, C, H, W], label, seeds) or None
+ItemFn = Callable[[Record | None, tuple[int, ...]], tuple | None]
 
 
 class _EpochStream(IterableDataset):
@@ -222,7 +235,8 @@ class _EpochStream(IterableDataset):
     def __iter__(self) -> Iterator[MicroBatch]:
         info = get_worker_info()
         worker = 0 if info is None else info.id
-        L, B, R, r = self.layout.lanes, self.layout.batch_size, self.layout.world_size, self.layout.rank
+        L, R, r, k = self.layout.lanes, self.layout.world_size, self.layout.rank, self.layout.views
+        B = self.layout.images_per_batch
         first = self.first_batch + worker  # the DataLoader takes batch i from worker i mod L
         if first >= self.batches_per_rank:
             return
@@ -233,12 +247,10 @@ class _EpochStream(IterableDataset):
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 - (r * L + lane)))
         order = buffer_shuffle_order(length, self.shuffle_buffer, generator)
         records = lane_records(self.source, segments, order, done=first // L * B)
-        for k in range(first, self.batches_per_rank, L):
-            items = [
-                self.item(next(records), sample_seed(self.seed, self.epoch, (k * B + j) * R + r))
-                for j in range(B)
-            ]
-            yield self.collate(items)
+        for batch in range(first, self.batches_per_rank, L):
+            positions = ((batch * B + j) * R + r for j in range(B))
+            items = [self.item(next(records), view_seeds(self.seed, self.epoch, p, k)) for p in positions]
+            yield self.collate(items, views=k)
 
 
 class StreamFeed:
@@ -246,18 +258,19 @@ class StreamFeed:
 
     Args:
         source: the shards and their counts.
-        item: `(record, seed) -> (image, label, seed)` or None for an unreadable record; it decodes
-            and augments under `seeded_rng(seed)` (see `DecodedItem`).
-        batch_size, accum_iter: the loop's micro-batch and accumulation; the epoch length is a
-            multiple of batch_size x accum_iter x world_size.
+        item: `(record, seeds) -> (views [k, C, H, W], label, seeds)` or None for an unreadable
+            record; it decodes once and augments view i under `seeds[i]` (see `DecodedItem`).
+        batch_size, accum_iter: the loop's micro-batch (in samples) and accumulation; the epoch
+            length is a multiple of batch_size x accum_iter x world_size.
         seed: the run seed (shard order, shuffle buffers, sample seeds).
         rank, world_size: this process's place; None: torch.distributed's, or 0 of 1.
         num_workers: loader worker processes (one lane each); 0 reads in this process.
         shuffle_buffer: samples each lane shuffles among (0 or 1: stored order within a lane).
         shuffle_shards: shuffle the shard order each epoch.
-        epoch_images: images per epoch over all ranks (None: all of the shards), rounded down to
-            a multiple of the global batch.
+        epoch_images: training samples per epoch over all ranks (None: as many as the shards
+            hold images), rounded down to a multiple of the global batch.
         pin_memory: page-locked batches (for CUDA copies).
+        views: augmented views per image read (a divisor of `batch_size`).
     """
 
     def __init__(
@@ -274,10 +287,13 @@ class StreamFeed:
         shuffle_shards: bool = True,
         epoch_images: int | None = None,
         pin_memory: bool = False,
+        views: int = 1,
     ) -> None:
-        rank, world_size = _rank_and_world(rank, world_size)
+        if batch_size % views:
+            raise ValueError(f"a micro-batch of {batch_size} samples is not whole images of {views} views")
+        rank, world_size = rank_and_world(rank, world_size)
         self.source, self.item, self.collate = source, item, collate_seeded
-        self.layout = Layout(rank, world_size, max(1, num_workers), batch_size)
+        self.layout = Layout(rank, world_size, max(1, num_workers), batch_size, views)
         self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
         self.shuffle_buffer, self.shuffle_shards = shuffle_buffer, shuffle_shards
         self.global_batch = batch_size * accum_iter * world_size
@@ -290,14 +306,18 @@ class StreamFeed:
         return self.epoch_images // (self.layout.batch_size * self.layout.world_size)
 
     def plan(self, epoch: int) -> list[list[Segment]]:
-        """The segments of every lane of the job (numbered rank * lanes + lane) in `epoch`."""
+        """The segments of every lane of the job (numbered rank * lanes + lane) in `epoch`: its part
+        of the pass of `views` epochs it belongs to."""
+        pass_, part = divmod(epoch, self.layout.views)
         counts = self.source.counts
         order = list(range(len(counts)))
         if self.shuffle_shards:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
+            generator = torch.Generator().manual_seed(self.seed + pass_)
             order = torch.randperm(len(counts), generator=generator).tolist()
         L = self.layout
-        return plan_lanes(counts, order, lane_sizes(self.epoch_images, L.batch_size, L.world_size, L.lanes))
+        sizes = lane_sizes(self.epoch_images, L.batch_size, L.world_size, L.lanes, L.views)
+        lanes = plan_lanes(counts, order, sizes * L.views)  # the lanes of every epoch of the pass
+        return lanes[part * len(sizes) : (part + 1) * len(sizes)]
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[MicroBatch]:
         """This rank's micro-batches of `epoch` after the first `start` images (all ranks counted)."""
@@ -330,28 +350,28 @@ class StreamFeed:
 
 
 class DecodedItem:
-    """The `item` function of a feed: decode and augment a record under its sample's seed.
+    """The `item` function of a feed: decode a record once, augment one view per seed.
 
-    `decode(data, name)` raises `UnreadableImageError` for a damaged image; such records, and
+    `decode(data, seeds, name)` (e.g. `decode.ImageLoader`) gives `[k, C, H, W]`, view i drawn
+    from `seeds[i]`, and raises `UnreadableImageError` for a damaged image; such records, and
     missing ones, give None, which the collate drops and counts (warned once per name per worker).
     """
 
-    def __init__(self, decode: Callable[[bytes | str, str], torch.Tensor]) -> None:
+    def __init__(self, decode: Callable[[bytes | str, tuple[int, ...], str], torch.Tensor]) -> None:
         self.decode = decode
         self.warned: set[str] = set()
 
-    def __call__(self, record: Record | None, seed: int) -> tuple | None:
+    def __call__(self, record: Record | None, seeds: tuple[int, ...]) -> tuple | None:
         if record is None or record.data is None:
             if record is not None:
                 self._warn(record.name, "no image in the sample")
             return None
         try:
-            with seeded_rng(seed):
-                image = self.decode(record.data, record.name)
+            views = self.decode(record.data, seeds, record.name)
         except UnreadableImageError as error:
             self._warn(record.name, str(error.__cause__ or error))
             return None
-        return image, record.label, seed
+        return views, record.label, seeds
 
     def _warn(self, name: str, why: str) -> None:
         if name not in self.warned:
@@ -359,7 +379,7 @@ class DecodedItem:
             warnings.warn(f"skipping unreadable image {name}: {why}", UnreadableImageWarning, 3)
 
 
-def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+def rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """The given place, else torch.distributed's (initialised by torchrun), else rank 0 of 1."""
     if rank is not None and world_size is not None:
         if not 0 <= rank < world_size:
@@ -371,7 +391,8 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
 
 
 def _epoch_length(total: int, asked: int | None, global_batch: int) -> int:
-    """Images per epoch: `asked` or `total`, rounded down to a multiple of the global batch."""
+    """Samples per epoch: `asked` or `total`, rounded down to a multiple of the global batch (with
+    k views an epoch reads 1/k of that in images, and a pass of k epochs all of it)."""
     if asked is not None and asked > total:
         raise UsageError(f"data.epoch_images={asked} is more than the {total} images in the shards")
     length = (total if asked is None else asked) // global_batch * global_batch

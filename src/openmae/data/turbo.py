@@ -1,11 +1,11 @@
 """The pretraining augmentation fused with a reduced-size JPEG decode by libjpeg-turbo (`simplejpeg`).
 
 The same idea as `openmae.data.jpeg` (draw the crop box from the header, then let the decoder
-scale in the DCT domain as far as the box still covers the output size), done by a faster
-decoder: libjpeg-turbo scales by any factor n/8 (PIL's draft mode only by 1/2, 1/4, 1/8), so it
-decodes closer to the size needed, and the crop is resized by torch's uint8 antialiased bicubic
-kernel, which is faster than PIL's. Boxes and flips come from the same random draws as the PIL
-path, so a seed gives the same crop with either decoder (up to resampling detail).
+scale in the DCT domain as far as the box still covers the output size), done faster: libjpeg-turbo
+decodes (at 1, 1/2, 1/4 or 1/8: its other n/8 scales blur), and the crop is resized by torch's
+uint8 antialiased bicubic kernel, which is faster than PIL's. Boxes and flips come from the same
+random draws as the PIL path, so a seed gives the same crop with either decoder (up to resampling
+detail).
 
 JPEGs that libjpeg-turbo cannot turn into RGB (CMYK, for one) take the PIL path.
 """
@@ -13,6 +13,7 @@ JPEGs that libjpeg-turbo cannot turn into RGB (CMYK, for one) take the PIL path.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,54 +23,18 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from openmae import extras
-from openmae.data.jpeg import (
-    Box,
-    JpegPretrainTransform,
-    Source,
-    crop_boxes_for_size,
-    draw_flip,
-    normalize_uint8,
-)
+from openmae.data.jpeg import Box, JpegPretrainTransform, Source, draw_views, normalize_uint8, smallest_box
 from openmae.data.transforms import Size
 
-DECODERS = ("auto", "pil", "turbo")
 
+def turbo_crops(data: bytes, boxes: Sequence[Box], size: Size) -> list[tuple[torch.Tensor, Box]]:
+    """Decode a JPEG once, at the smallest of the scales 1, 1/2, 1/4, 1/8 at which every box
+    (full-size pixels) still covers `size`, and resize each box's region to `size` (bicubic,
+    antialiased).
 
-def resolve_decoder(decoder: str) -> str:
-    """ "pil" or "turbo": `auto` picks turbo when `simplejpeg` is installed (the `turbo` extra).
-
-    Raises:
-        MissingExtraError: "turbo" was asked for and simplejpeg is not installed.
-    """
-    if decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}; got {decoder!r}")
-    if decoder == "auto":
-        return "turbo" if extras.available("simplejpeg") else "pil"
-    if decoder == "turbo":
-        extras.require("simplejpeg")  # one line naming the extra when it is missing
-    return decoder
-
-
-def jpeg_pretrain_transform(
-    decoder: str,
-    img_size: Size,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    crop_scale: tuple[float, float] = (0.2, 1.0),
-    hflip: bool = True,
-) -> JpegPretrainTransform | TurboJpegPretrainTransform:
-    """The fused JPEG decode + pretraining augmentation of `decoder` (auto | pil | turbo)."""
-    cls = TurboJpegPretrainTransform if resolve_decoder(decoder) == "turbo" else JpegPretrainTransform
-    return cls(img_size, tuple(mean), tuple(std), tuple(crop_scale), hflip)
-
-
-def turbo_crop(data: bytes, box: Box, size: Size) -> tuple[torch.Tensor, Box]:
-    """Decode a JPEG at the smallest of the scales 1, 1/2, 1/4, 1/8 at which `box` (full-size
-    pixels) still covers `size`, and resize that region to `size` (bicubic, antialiased).
-
-    The region is the box rounded to whole decoded pixels: its corners move by at most half a
-    decoded pixel, which is at most half an output pixel. Returns the uint8 crop `[3, *size]` and
-    the box it covers, in full-size pixels.
+    A region is its box rounded to whole decoded pixels: its corners move by at most half a
+    decoded pixel, which is at most half an output pixel. Returns, per box, the uint8 crop
+    `[3, *size]` and the box it covers, in full-size pixels.
 
     Raises:
         ValueError: libjpeg-turbo cannot decode these bytes to RGB.
@@ -77,7 +42,7 @@ def turbo_crop(data: bytes, box: Box, size: Size) -> tuple[torch.Tensor, Box]:
     simplejpeg = extras.require("simplejpeg")
     out_h, out_w = to_2tuple(size)
     full_h, full_w, _, _ = simplejpeg.decode_jpeg_header(data)
-    top, left, h, w = box
+    h, w = smallest_box(boxes)
     reduce = 1  # 1, 2, 4 or 8: the scales whose IDCT keeps full quality (the n/8 ones blur: measured)
     while reduce < 8 and h / (2 * reduce) >= out_h and w / (2 * reduce) >= out_w:
         reduce *= 2
@@ -85,19 +50,24 @@ def turbo_crop(data: bytes, box: Box, size: Size) -> tuple[torch.Tensor, Box]:
     decoded = simplejpeg.decode_jpeg(
         data, "RGB", min_height=math.ceil(full_h / reduce), min_width=math.ceil(full_w / reduce)
     )  # [h', w', 3] uint8
-    # Decoded pixel i covers full-size pixels [i * reduce, (i + 1) * reduce).
-    rows = _decoded_span(top, h, reduce, decoded.shape[0])
-    cols = _decoded_span(left, w, reduce, decoded.shape[1])
     # HWC memory seen as [1, 3, h, w] channels-last: torch's fast uint8 resampling path.
-    region = torch.from_numpy(decoded).permute(2, 0, 1)[None, :, rows, cols]
-    crop = F.resize(region, [out_h, out_w], InterpolationMode.BICUBIC, antialias=True)[0]
-    covered = (
-        rows.start * reduce,
-        cols.start * reduce,
-        (rows.stop - rows.start) * reduce,
-        (cols.stop - cols.start) * reduce,
-    )
-    return crop, covered
+    image = torch.from_numpy(decoded).permute(2, 0, 1)[None]
+    crops = []
+    for top, left, box_h, box_w in boxes:
+        # Decoded pixel i covers full-size pixels [i * reduce, (i + 1) * reduce).
+        rows = _decoded_span(top, box_h, reduce, decoded.shape[0])
+        cols = _decoded_span(left, box_w, reduce, decoded.shape[1])
+        # A contiguous channels-last copy: the resampling kernel runs ~2x faster on it than on a view.
+        region = image[:, :, rows, cols].contiguous(memory_format=torch.channels_last)
+        crop = F.resize(region, [out_h, out_w], InterpolationMode.BICUBIC, antialias=True)[0]
+        covered = (
+            rows.start * reduce,
+            cols.start * reduce,
+            (rows.stop - rows.start) * reduce,
+            (cols.stop - cols.start) * reduce,
+        )
+        crops.append((crop, covered))
+    return crops
 
 
 def _decoded_span(start: int, length: int, reduce: int, limit: int) -> slice:
@@ -122,16 +92,19 @@ class TurboJpegPretrainTransform:
     hflip: bool = True
 
     def __call__(self, source: Source, name: str | None = None) -> torch.Tensor:
+        return self.views(source, None, name)[0]
+
+    def views(self, source: Source, seeds: Sequence[int] | None, name: str | None = None) -> torch.Tensor:
+        """`[k, 3, *img_size]`: one view per seed (see `draw_views`), all cut from one decode."""
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         simplejpeg = extras.require("simplejpeg")
         try:
             height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-            (box,) = crop_boxes_for_size(height, width, 1, self.crop_scale)
-            crop, _ = turbo_crop(data, box, self.img_size)  # [3, H, W] uint8
+            views = draw_views(height, width, seeds, self.crop_scale, self.hflip)
+            crops = turbo_crops(data, [view.box for view in views], self.img_size)  # [3, H, W] uint8 each
         except ValueError:
             # Not decodable to RGB here (CMYK, damaged...): PIL decodes it or says it is unreadable.
             fallback = JpegPretrainTransform(self.img_size, self.mean, self.std, self.crop_scale, self.hflip)
-            return fallback(data, name or (None if isinstance(source, bytes) else str(source)))
-        if self.hflip and draw_flip():
-            crop = crop.flip(-1)
-        return normalize_uint8(crop, self.mean, self.std)
+            return fallback.views(data, seeds, name or (None if isinstance(source, bytes) else str(source)))
+        flipped = [crop.flip(-1) if view.flip else crop for (crop, _), view in zip(crops, views, strict=True)]
+        return normalize_uint8(torch.stack(flipped), self.mean, self.std)

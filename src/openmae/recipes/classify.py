@@ -160,6 +160,8 @@ def val_loader(cfg: ClassifyConfig, val_set: Dataset) -> DataLoader:
 def check_classify_run(cfg: ClassifyConfig, dist: DistInfo) -> None:
     if cfg.fsdp and dist.enabled:
         raise ValueError("linear probing and fine-tuning run with DDP; set fsdp=false")
+    if cfg.data.views != 1 or cfg.data.decoder == "gpu":
+        raise ValueError("data.views and data.decoder=gpu are pretraining options (mae pretrain)")
 
 
 # ------------------------------------------------------------------------------------------------

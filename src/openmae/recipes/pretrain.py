@@ -117,12 +117,12 @@ def pretrain(cfg: PretrainConfig, dataset: Dataset | None = None) -> PretrainRes
         torch.manual_seed(cfg.seed)
         model = build_pretrain_model(cfg)
         img_size, in_chans = model.config.img_size, model.config.in_chans
-        if dataset is not None:
-            train_data = UserImages(dataset, in_chans, model.config.img_size)
-        elif cfg.data.streamed:  # shards read in order, split over ranks and workers
-            train_data = build_feed(cfg.data, img_size, in_chans, cfg.batch_size, cfg.accum_iter, cfg.seed)
-        else:
-            train_data = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=True)
+        user_images = None if dataset is None else UserImages(dataset, in_chans, model.config.img_size)
+        # Map-style or streamed (shards read in order, split over ranks and workers), with views.
+        train_data = build_feed(
+            cfg.data, img_size, in_chans, cfg.batch_size, cfg.accum_iter, cfg.seed,
+            device=dist.device, dataset=user_images,
+        )  # fmt: skip
         heldout = heldout_loader(cfg, img_size, in_chans)
         knn_monitor = KnnMonitor.from_config(cfg, img_size, in_chans)
         if knn_monitor is not None and cfg.fsdp:
@@ -148,7 +148,6 @@ def pretrain(cfg: PretrainConfig, dataset: Dataset | None = None) -> PretrainRes
         cfg,
         dist,
         run.logger,
-        num_workers=cfg.data.resolved_num_workers(),
         metadata=run.metadata,
         hooks=hooks,
     )
