@@ -2,4 +2,5 @@
 
 
 class UsageError(ValueError):
-    """Bad configuration, data path or argument; raised before a run writes anything."""
+    """Bad configuration, data path or argument; raised before a run writes anything, except for
+    what only training can find (`engine.loop.UnreadableDataError`: an epoch of unreadable files)."""

@@ -158,11 +158,14 @@ def build_dataset(
     cfg: DataConfig,
     split: str = "train",
     img_size: Size = 224,
-    in_chans: int = 3,
+    in_chans: int | None = 3,
     train_transform: bool = True,
     raw: bool = False,
 ) -> Dataset | None:
     """The dataset of a split, with the training or evaluation transform (`raw`: none, images in [0, 1]).
+
+    `in_chans` is the model's channel count, which every image is made to have (see
+    `_resolve_channels`); None (with `raw`, for a folder or HF dataset) keeps what `data.channels` gives.
 
     Items are `(image [in_chans, *img_size], label)`, or None for an unreadable file. "val" and
     "test" are the same split: the `val_path` folder (None when it is not set), Fashion-MNIST's
@@ -304,16 +307,24 @@ def _training_classes(cfg: DataConfig) -> list[str] | None:
     return list_classes(cfg.path) if has_class_folders(cfg.path) else None
 
 
-def _resolve_channels(channels: Channels | None, in_chans: int) -> Channels:
-    """The channel mode for the datasets, checked against the model's input channels."""
+def _resolve_channels(channels: Channels | None, in_chans: int | None) -> Channels:
+    """The channel mode for the datasets, checked against the model's input channels.
+
+    For a model (`in_chans` given), "keep" and None both mean its channel count: gray and RGB images
+    are converted into it where that is well defined (gray <-> RGB, alpha dropped), and any other
+    image is skipped and named like an unreadable file, instead of breaking a batch. Without a model
+    (`mae stats`), "keep" leaves every image as stored.
+    """
     if channels is None:
-        return in_chans
+        return "keep" if in_chans is None else in_chans
     if isinstance(channels, str) and channels.isdigit():  # "4" from a command line
         channels = int(channels)
     if channels not in ("keep", "rgb", "gray") and not (type(channels) is int and channels > 0):
         raise ValueError(f"data.channels must be keep, rgb, gray or a channel count; got {channels!r}")
+    if channels == "keep":
+        return "keep" if in_chans is None else in_chans
     expected = {"rgb": 3, "gray": 1}.get(channels, channels)
-    if channels != "keep" and expected != in_chans:
+    if in_chans is not None and expected != in_chans:
         raise ValueError(
             f"data.channels={channels!r} gives {expected} channels but the model takes {in_chans}"
         )

@@ -148,7 +148,7 @@ class ImageFolderDataset(Dataset):
             if path not in self._warned:
                 self._warned.add(path)
                 warnings.warn(
-                    f"skipping unreadable image {path}: {error.__cause__}", UnreadableImageWarning, 2
+                    f"skipping unreadable image {path}: {error.__cause__ or error}", UnreadableImageWarning, 2
                 )
             return None
         return image, label

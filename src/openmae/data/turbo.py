@@ -130,8 +130,9 @@ class TurboJpegPretrainTransform:
             crop, _ = turbo_crop(data, box, self.img_size)  # [3, H, W] uint8
         except ValueError:
             # Not decodable to RGB here (CMYK, damaged...): PIL decodes it or says it is unreadable.
+            # (A file goes to PIL by its path, which PIL's messages then name.)
             fallback = JpegPretrainTransform(self.img_size, self.mean, self.std, self.crop_scale, self.hflip)
-            return fallback(data, name or (None if isinstance(source, bytes) else str(source)))
+            return fallback(source, name)
         if self.hflip and draw_flip():
             crop = crop.flip(-1)
         return normalize_uint8(crop, self.mean, self.std)

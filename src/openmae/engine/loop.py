@@ -44,6 +44,7 @@ from openmae.engine.checkpointing import RunCheckpointer
 from openmae.engine.optim import set_lr
 from openmae.engine.precision import Precision, autocast, check_precision
 from openmae.engine.schedule import fitted_warmup, warmup_cosine_lr
+from openmae.errors import UsageError
 from openmae.logging import RunLogger
 
 # Under torchrun, ranks agree on a stop request (one all-reduce) every this many steps.
@@ -141,8 +142,8 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-class UnreadableDataError(ValueError):
-    """An epoch in which no image, or most images, could be read."""
+class UnreadableDataError(UsageError):
+    """An epoch in which no image, or most images, could be read: bad input, found mid-run."""
 
 
 def format_duration(seconds: float) -> str:
