@@ -87,7 +87,8 @@ FULL = Budget(
     ],
     knn=["data.num_workers=0"],
     finetune=[
-        "epochs=3", "batch_size=256", "optim.base_lr=1e-3", "optim.lr_scaling=linear", "optim.warmup_epochs=0.3", "mixup=0", "cutmix=0",
+        "epochs=3", "batch_size=256", "optim.base_lr=1e-3", "optim.lr_scaling=linear",
+        "optim.warmup_epochs=0.3", "mixup=0", "cutmix=0",
         "auto_augment=none", "data.crop_scale=[0.5,1.0]", "eval_every=3", "data.num_workers=0",
     ],
     logreg_images=None,
@@ -106,7 +107,8 @@ QUICK = Budget(
     ],
     knn=["train_images=4096", "val_images=1000", "data.num_workers=0"],
     finetune=[
-        "epochs=1", "batch_size=64", "optim.base_lr=1e-3", "optim.lr_scaling=linear", "optim.warmup_epochs=0.2", "mixup=0", "cutmix=0",
+        "epochs=1", "batch_size=64", "optim.base_lr=1e-3", "optim.lr_scaling=linear",
+        "optim.warmup_epochs=0.2", "mixup=0", "cutmix=0",
         "auto_augment=none", "data.crop_scale=[0.5,1.0]", "train_images=1024", "val_images=1000",
         "data.num_workers=0",
     ],

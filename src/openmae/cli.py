@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 
 from openmae.config.cli import CommandParser
 from openmae.configs import list_shipped_configs, shipped_config
-from openmae.errors import UsageError
+from openmae.errors import DivergedError, UsageError
 
 # name -> (help, function taking argv and returning an exit code)
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
@@ -109,6 +109,7 @@ def visualize_command(argv: list[str]) -> int:
 def stats_command(argv: list[str]) -> int:
     from openmae.config import parse_config_cli
     from openmae.data import DataConfig, build_dataset, compute_mean_std
+    from openmae.recipes.runs import checked
 
     parser = _parser("stats", "Per-channel mean/std of a dataset's training images, in [0, 1] units.")
     parser.add_argument("--max-images", type=int, default=None, help="stop after this many images")
@@ -119,10 +120,11 @@ def stats_command(argv: list[str]) -> int:
         in_chans = 1
     elif cfg.channels == "keep" and cfg.dataset in ("folder", "hf"):
         in_chans = None  # every image as stored
-    dataset = build_dataset(cfg, "train", 224, in_chans, raw=True)
-    mean, std = compute_mean_std(
-        dataset, num_workers=cfg.resolved_num_workers(), max_images=namespace.max_images
-    )
+    with checked():
+        dataset = build_dataset(cfg, "train", 224, in_chans, raw=True)
+        mean, std = compute_mean_std(
+            dataset, num_workers=cfg.resolved_num_workers(), max_images=namespace.max_images
+        )
     print(
         "data.mean=["
         + ", ".join(f"{m:.4f}" for m in mean)
@@ -261,6 +263,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except DivergedError as error:  # bad settings too, but found by training: exit 1, as a failed run
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # Ctrl-C outside a run's graceful stop, or a second one during it
         print(
             f"{prog}: interrupted; a run continues from its last checkpoint with resume=auto", file=sys.stderr

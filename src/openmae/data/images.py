@@ -1,7 +1,8 @@
 """Reading one image file into a float tensor `[C, H, W]` in [0, 1], at a chosen channel count.
 
-PIL decodes the common formats; TIFFs go through `tifffile` when it is installed (the `tiff` extra)
-because PIL cannot read TIFFs with more than 4 bands (satellite, microscopy).
+PIL decodes the common formats (an animated GIF gives its first frame); TIFFs go through `tifffile`
+when it is installed (the `tiff` extra) because PIL cannot read TIFFs with more than 4 bands
+(satellite, microscopy).
 Integer pixels are scaled by their type's maximum (so 16-bit images use their full range);
 float pixels are kept as stored.
 """
@@ -19,7 +20,7 @@ from PIL import Image
 from openmae import extras
 from openmae.extras import MissingExtraError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # GIF: its first frame
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 
 Channels = Literal["keep", "rgb", "gray"] | int
@@ -129,7 +130,7 @@ def convert_channels(image: torch.Tensor, channels: Channels) -> torch.Tensor:
             return image[:1].expand(3, -1, -1).contiguous()
         if C in (3, 4):  # RGB (+ alpha)
             return image[:3]
-        raise ValueError(f"cannot convert a {C}-channel image to RGB; use channels='keep' or {C}")
+        raise ValueError(f"cannot convert a {C}-channel image to RGB (a {C}-channel model takes it)")
     if channels == "gray" or channels == 1:
         if C in (1, 2):
             return image[:1]

@@ -44,7 +44,7 @@ from openmae.engine.checkpointing import RunCheckpointer
 from openmae.engine.optim import set_lr
 from openmae.engine.precision import Precision, autocast, check_precision
 from openmae.engine.schedule import fitted_warmup, warmup_cosine_lr
-from openmae.errors import UsageError
+from openmae.errors import DivergedError, UsageError
 from openmae.logging import RunLogger
 
 # Under torchrun, ranks agree on a stop request (one all-reduce) every this many steps.
@@ -138,7 +138,7 @@ class Schedule:
     clip_grad: float | None = None
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(DivergedError):
     pass
 
 

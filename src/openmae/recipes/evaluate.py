@@ -14,6 +14,7 @@ from torch.utils.data import Subset
 
 from openmae.data import DataConfig, build_dataset, build_loader
 from openmae.data.probe import probe_images
+from openmae.data.wrappers import num_classes_of
 from openmae.distributed import ShardedEvalSampler, is_main_process
 from openmae.engine.evaluate import classification_metrics
 from openmae.errors import UsageError
@@ -61,6 +62,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         if cfg.max_images is not None:
             dataset = Subset(dataset, range(min(cfg.max_images, len(dataset))))
         probe_images(dataset, (model.config.in_chans, *model.config.img_size), "images to score")
+        check_labels(dataset, model.config.num_classes)
     shard = ShardedEvalSampler(len(dataset))
     loader = build_loader(dataset, cfg.batch_size, num_workers=cfg.data.resolved_num_workers(), sampler=shard)
     metrics = classification_metrics(model.to(device), loader, device) | {"images": len(dataset)}
@@ -68,6 +70,13 @@ def evaluate(cfg: EvalConfig) -> dict:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.output).write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def check_labels(dataset, classes: int) -> None:
+    """ValueError unless `dataset` is labelled (class sub-folders) with at most the head's classes."""
+    found = num_classes_of(dataset)
+    if found > classes:
+        raise ValueError(f"the images have {found} classes but the classifier's head has {classes}")
 
 
 __all__ = ["EvalConfig", "evaluate"]

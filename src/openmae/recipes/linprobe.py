@@ -98,7 +98,7 @@ def linprobe(cfg: LinprobeConfig, dataset: Dataset | None = None) -> ClassifyRes
     matrix_scale = lars_matrix_scale(cfg, len(data.train_set))
     if matrix_scale != 1.0 and dist.is_main:
         print(
-            f"linprobe: LARS: the head's weight matrix trains at {matrix_scale:.4g} x the lr below "
+            f"linprobe: LARS: the head's weight matrix trains at {matrix_scale:,.0f} x the lr below "
             f"({cfg.lars_reference_images:,} ImageNet images / {len(data.train_set):,} training images: "
             "an epoch moves it as far as one of the paper's; lars_reference_images=0 turns it off)",
             flush=True,

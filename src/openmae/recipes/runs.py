@@ -23,7 +23,8 @@ from openmae.config import config_to_dict, save_config
 from openmae.distributed import DistInfo, all_reduce_sum, init_distributed
 from openmae.engine.loop import Hook, TrainConfig, Trainer
 from openmae.engine.optim import OptimConfig
-from openmae.errors import UsageError
+from openmae.engine.precision import check_precision
+from openmae.errors import DivergedError, UsageError
 from openmae.logging import RunLogger
 from openmae.plots import CURVES_FILE, plot_runs
 
@@ -45,7 +46,7 @@ def checked() -> Iterator[None]:
     """Turn the input errors raised inside into a `UsageError` (the CLI's one line and exit code 2)."""
     try:
         yield
-    except UsageError:
+    except (UsageError, DivergedError):
         raise
     except (ValueError, FileNotFoundError, NotADirectoryError) as error:
         raise UsageError(" ".join(str(error).split())) from error
@@ -53,9 +54,12 @@ def checked() -> Iterator[None]:
 
 def join_run(cfg) -> DistInfo:
     """The process group (under torchrun) and this rank's device (`cfg.device`; any command's config);
-    a bad `device` is a UsageError."""
+    a bad `device`, or a `precision` the device cannot train in (fp16 off a GPU), is a UsageError."""
     with checked():
-        return init_distributed(cfg.device)
+        dist = init_distributed(cfg.device)
+        if hasattr(cfg, "precision"):
+            check_precision(cfg.precision, dist.device)
+        return dist
 
 
 # A dataset smaller than one batch trains on a batch that gives at least this many steps an epoch.
