@@ -81,6 +81,9 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
         _plot(lr_axis, run.steps, "lr", colour, run.name, linewidth=1.2)
     _label(loss_axis, "training loss")
     _label(lr_axis, "learning rate")
+    lrs = [r["lr"] for run in runs for r in run.steps if r.get("lr", 0) > 0]
+    if lrs and max(lrs) > 100 * min(lrs):  # runs whose lrs differ by orders of magnitude
+        lr_axis.set_yscale("log")
     for axis, title in zip(axes[2:], panels, strict=False):
         keys = dict(EPOCH_PANELS)[title]
         for run, colour in zip(runs, colours, strict=True):
