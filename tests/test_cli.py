@@ -207,3 +207,22 @@ def test_help_example_override_is_a_key_the_command_accepts(capsys, command, cls
     load_config(getattr(importlib.import_module(module), name), None, [example])  # no ConfigError
     if command == "stats":
         assert example == "dataset=folder" and "data.path" not in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--help"], ["plot      draw the loss, lr and monitor curves"]),
+        (["plot", "--help"], ["RUN_DIR [RUN_DIR ...]", "--out OUT", "default: curves.png"]),
+        (["pretrain", "--help"], ["--optim.lr_scaling STR", "default: sqrt", "default: 4096", "is held out"]),
+        (["finetune", "--help"], ["--ema_decay FLOAT", "ema.safetensors", "default: 1024"]),
+        (["linprobe", "--help"], ["--lars_reference_images INT", "default: 1281167", "default: linear"]),
+        (["knn", "--help"], ["--num_classes INT"]),
+    ],
+)
+def test_help_lists_the_commands_and_their_options(capsys, argv, expected):
+    with pytest.raises(SystemExit):
+        main(argv)
+    text = " ".join(capsys.readouterr().out.split())
+    for part in expected:
+        assert " ".join(part.split()) in text, part

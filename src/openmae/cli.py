@@ -1,4 +1,4 @@
-"""The `mae` command: `mae pretrain | demo | visualize | stats | shards | models | bench ...`.
+"""The `mae` command: `mae pretrain | demo | visualize | plot | stats | shards | models | bench ...`.
 
 Training commands take their whole configuration from a dataclass: the defaults, then `--config FILE`
 (a path or a shipped config's name), then the command line, where each key is given once, as
@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 from openmae.config.cli import CommandParser
 from openmae.configs import list_shipped_configs, shipped_config
-from openmae.errors import UsageError
+from openmae.errors import DivergedError, UsageError
 
 # name -> (help, function taking argv and returning an exit code)
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {}
@@ -27,6 +28,12 @@ def command(name: str, help: str):
         return fn
 
     return register
+
+
+def exit_code(stop_signal: str | None) -> int:
+    """130 (128 + SIGINT, as shells report Ctrl-C) for a run the user stopped with Ctrl-C; 0 when it
+    finished, or stopped on SIGTERM (a scheduler's pre-emption, after which the job is requeued)."""
+    return 128 + signal.SIGINT if stop_signal == "SIGINT" else 0
 
 
 def _parser(name: str, description: str) -> argparse.ArgumentParser:
@@ -45,7 +52,7 @@ def pretrain_command(argv: list[str]) -> int:
     result = pretrain(cfg)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone speaks
         print(f"weights: {result.weights}")
-    return 0
+    return exit_code(result.stop_signal)
 
 
 @command("demo", "pretrain a small MAE on Fashion-MNIST on the CPU (~10 min) and score it")
@@ -102,6 +109,7 @@ def visualize_command(argv: list[str]) -> int:
 def stats_command(argv: list[str]) -> int:
     from openmae.config import parse_config_cli
     from openmae.data import DataConfig, build_dataset, compute_mean_std
+    from openmae.recipes.runs import checked
 
     parser = _parser("stats", "Per-channel mean/std of a dataset's training images, in [0, 1] units.")
     parser.add_argument("--max-images", type=int, default=None, help="stop after this many images")
@@ -110,10 +118,13 @@ def stats_command(argv: list[str]) -> int:
     in_chans = cfg.channels if isinstance(cfg.channels, int) else {"gray": 1, "rgb": 3}.get(cfg.channels, 3)
     if cfg.dataset == "fashion_mnist":
         in_chans = 1
-    dataset = build_dataset(cfg, "train", 224, in_chans, raw=True)
-    mean, std = compute_mean_std(
-        dataset, num_workers=cfg.resolved_num_workers(), max_images=namespace.max_images
-    )
+    elif cfg.channels == "keep" and cfg.dataset in ("folder", "hf"):
+        in_chans = None  # every image as stored
+    with checked():
+        dataset = build_dataset(cfg, "train", 224, in_chans, raw=True)
+        mean, std = compute_mean_std(
+            dataset, num_workers=cfg.resolved_num_workers(), max_images=namespace.max_images
+        )
     print(
         "data.mean=["
         + ", ".join(f"{m:.4f}" for m in mean)
@@ -153,6 +164,20 @@ def shards_command(argv: list[str]) -> int:
     return 0
 
 
+@command("plot", "draw the loss, lr and monitor curves of runs as one PNG, runs overlaid")
+def plot_command(argv: list[str]) -> int:
+    from openmae.plots import plot_runs
+
+    parser = _parser(
+        "plot", "Training loss and lr per logged step, monitor metrics per epoch, from each metrics.jsonl."
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (each with a metrics.jsonl)")
+    parser.add_argument("--out", default="curves.png", help="PNG file to write")
+    args = parser.parse_args(argv)
+    print(f"wrote {plot_runs(args.runs, args.out)}")
+    return 0
+
+
 @command("models", "list the named model sizes")
 def models_command(argv: list[str]) -> int:
     from openmae.models import list_models, model_config
@@ -181,8 +206,8 @@ def linprobe_command(argv: list[str]) -> int:
     from openmae.recipes.linprobe import LinprobeConfig, linprobe
 
     parser = _parser("linprobe", "Linear probing; checkpoint=none model=NAME probes a random encoder.")
-    linprobe(parse_config_cli(LinprobeConfig, argv, parser=parser, find_config=shipped_config))
-    return 0
+    result = linprobe(parse_config_cli(LinprobeConfig, argv, parser=parser, find_config=shipped_config))
+    return exit_code(result.stop_signal)
 
 
 @command("finetune", "fine-tune an encoder end to end, or its last blocks (trainable_blocks=k)")
@@ -191,8 +216,8 @@ def finetune_command(argv: list[str]) -> int:
     from openmae.recipes.finetune import FinetuneConfig, finetune
 
     parser = _parser("finetune", "Fine-tuning; checkpoint=none model=NAME trains from scratch.")
-    finetune(parse_config_cli(FinetuneConfig, argv, parser=parser, find_config=shipped_config))
-    return 0
+    result = finetune(parse_config_cli(FinetuneConfig, argv, parser=parser, find_config=shipped_config))
+    return exit_code(result.stop_signal)
 
 
 @command("knn", "k-NN accuracy of an encoder's frozen features (k=20, cosine, T=0.07)")
@@ -238,6 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
+    except DivergedError as error:  # bad settings too, but found by training: exit 1, as a failed run
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C outside a run's graceful stop, or a second one during it
+        print(
+            f"{prog}: interrupted; a run continues from its last checkpoint with resume=auto", file=sys.stderr
+        )
+        return 128 + signal.SIGINT
 
 
 def _top_parser() -> argparse.ArgumentParser:

@@ -143,3 +143,14 @@ def test_collate_of_only_unreadable_items_is_an_empty_batch():
     assert batch.images.numel() == 0 and len(batch.labels) == 0 and batch.num_skipped == 2
     batch = collate_skip([(torch.zeros(1, 2, 2), 3), None])
     assert batch.images.shape == (1, 1, 2, 2) and batch.labels.tolist() == [3] and batch.num_skipped == 1
+
+
+def test_gif_files_are_images_read_as_their_first_frame(tmp_path):
+    from openmae.data import read_image
+
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    dataset = ImageFolderDataset(tmp_path, channels="rgb")
+    assert [p.name for p, _ in dataset.samples] == ["anim.gif"]
+    image = read_image(tmp_path / "anim.gif", "rgb")  # [3, 8, 8]
+    assert image.shape == (3, 8, 8) and image[0].min() > 0.9 and image[2].max() < 0.1  # the red frame

@@ -104,7 +104,9 @@ def test_training_folders_of_rgb_jpegs_take_the_fast_path_and_nothing_else(tmp_p
     assert train.jpeg_transform == cls(64, IMAGENET_MEAN, IMAGENET_STD, (0.2, 1.0), True)
     assert build_dataset(DataConfig(path=root, fast_decode=False), "train", 64, 3).jpeg_transform is None
     assert build_dataset(DataConfig(path=root, channels="gray"), "train", 64, 1).jpeg_transform is None
-    assert build_dataset(DataConfig(path=root, channels="keep"), "train", 64, 3).jpeg_transform is None
+    # "keep" trains on the model's channels: RGB for a 3-channel model (the fast path), gray for 1.
+    assert build_dataset(DataConfig(path=root, channels="keep"), "train", 64, 3).jpeg_transform is not None
+    assert build_dataset(DataConfig(path=root, channels="keep"), "train", 64, 1).jpeg_transform is None
     evaluation = build_dataset(DataConfig(path=root, val_path=root), "val", 64, 3, train_transform=False)
     assert evaluation.jpeg_transform is None
 

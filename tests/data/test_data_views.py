@@ -157,7 +157,7 @@ def test_pretraining_with_views_trains_at_the_lr_of_its_batch(tmp_path, capsys):
     args += ["batch_size=4", "epochs=2", "log_every=1", "device=cpu"]
     assert main([*args, "data.views=4", f"output_dir={tmp_path / 'views'}"]) == 0
     out = capsys.readouterr().out
-    assert "effective batch 4 / 256" in out, out  # lr scaled by the samples of a batch, views counted
+    assert "sqrt(effective batch 4 / 4096)" in out, out  # lr scaled by the samples of a batch, views counted
     records = [json.loads(line) for line in (tmp_path / "views" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 4 and all(np.isfinite(r["loss"]) for r in steps)  # 8 samples (2 images) an epoch

@@ -58,6 +58,7 @@ TINY = [
     "log_every=1",
     "optim.warmup_epochs=0.5",
     "optim.base_lr=0.01",
+    "optim.lr_scaling=linear",
     "device=cpu",
 ]
 # A run far too long to finish, for the tests that interrupt one.
@@ -98,8 +99,10 @@ def worker_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def finished_ranks(output: str) -> set[int]:
-    return {int(rank) for rank in re.findall(r"DONE rank=(\d+) code=0$", output, flags=re.MULTILINE)}
+def finished_ranks(output: str, code: int = 0) -> set[int]:
+    """The ranks whose `mae` returned `code` (130: stopped by Ctrl-C)."""
+    done = re.findall(rf"DONE rank=(\d+) code={code}$", output, flags=re.MULTILINE)
+    return {int(rank) for rank in done}
 
 
 @dataclass
@@ -373,7 +376,7 @@ def test_ctrl_c_in_a_terminal_stops_a_run_with_loader_workers_cleanly(tmp_path, 
     wait_for_training(proc, out_dir)
     os.killpg(proc.pid, signal.SIGINT)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0 and finished_ranks(output) == {0}, output[-6000:]
+    assert proc.returncode == 130 and finished_ranks(output, code=130) == {0}, output[-6000:]  # 128 + SIGINT
     assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-6000:]
     step = int(re.search(r"stopped by SIGINT at step (\d+)", output).group(1))
     state = torch.load(str(checkpoint(out_dir, step)).replace(".safetensors", ".state.pt"), weights_only=True)
@@ -452,7 +455,8 @@ def test_sigterm_or_ctrl_c_to_torchrun_stops_every_rank_with_a_loadable_checkpoi
     proc.send_signal(sig)  # as a scheduler (or Ctrl-C) does; torchrun forwards it to the ranks
     output = proc.communicate(timeout=120)[0]
     assert time.monotonic() - signalled < 60, output[-4000:]  # a step, a checkpoint and the exit
-    assert finished_ranks(output) == {0, 1}, output[-6000:]  # both ranks returned normally
+    code = 130 if sig == signal.SIGINT else 0  # Ctrl-C exits as shells report it; SIGTERM is a requeue
+    assert finished_ranks(output, code) == {0, 1}, output[-6000:]  # both ranks returned normally
     match = re.search(rf"stopped by {sig.name} at step (\d+)", output)
     assert match, output[-6000:]
     step = int(match.group(1))

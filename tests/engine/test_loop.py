@@ -25,6 +25,7 @@ TINY_RUN = [
     "log_every=1",
     "optim.warmup_epochs=0.5",
     "optim.base_lr=0.01",
+    "optim.lr_scaling=linear",  # lr = 0.01 x 8 / 256, which the tests read back
 ]
 
 

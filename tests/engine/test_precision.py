@@ -35,7 +35,8 @@ def test_bf16_training_takes_the_gemm_path_it_is_given_and_matches_fp32(tmp_path
     original = gemm_module.as_fp32
     monkeypatch.setattr(gemm_module, "as_fp32", lambda f, a, k: widened.append(f) or original(f, a, k))
     overrides = ["model=mae_vit_debug", "data.dataset=synthetic", "data.synthetic_size=16", "epochs=1",
-                 "data.num_workers=0", "batch_size=8", "vis_every=0", "optim.base_lr=0.01"]  # fmt: skip
+                 "data.num_workers=0", "batch_size=8", "vis_every=0", "optim.base_lr=0.01",
+                 "optim.lr_scaling=linear"]  # fmt: skip
     runs = {}
     paths = {
         "fp32": ["precision=fp32"],

@@ -173,3 +173,77 @@ def test_eval_on_a_labelled_image_folder(tmp_path):
     metrics = json.loads(scores.read_text())
     assert metrics["images"] == 6 and metrics["top5"] == 100.0  # two classes: always in the top 5
     assert metrics["top1"] in {100 * k / 6 for k in range(7)}
+
+
+def separable_folder(root, per_class):
+    """Two classes a linear probe tells apart at once: bright stripes across, or down, on noise."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", per_class // 2)):
+        for name in ("across", "down"):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                image = rng.integers(0, 128, (40, 40, 3)).astype(np.uint8)
+                if name == "across":
+                    image[::4] += 120
+                else:
+                    image[:, ::4] += 120
+                Image.fromarray(image).save(folder / f"{i}.png")
+    return root
+
+
+def test_the_default_linear_probe_learns_in_a_few_epochs_on_a_small_folder(tmp_path, capsys):
+    # 64 training images, fewer than the default batch of 256: it falls back to 8 (8 steps an epoch).
+    data = separable_folder(tmp_path / "data", 32)
+    args = ["linprobe", "checkpoint=none", "model=mae_vit_debug", f"data.path={data / 'train'}",
+            f"data.val_path={data / 'val'}", "data.num_workers=0", "epochs=5"]  # fmt: skip
+    assert main([*args, f"output_dir={tmp_path / 'probe'}"]) == 0
+    out = capsys.readouterr().out
+    assert "using batch_size 8" in out and "trains at 20,018 x the lr below" in out, out
+    final = json.loads((tmp_path / "probe" / "results.json").read_text())["final"]
+    assert final["top1"] >= 90, final  # two classes: chance is 50%
+    # The paper's rule alone (0.1 x 8 / 256) on the same 5 epochs: the head hardly moves.
+    assert main([*args, "lars_reference_images=0", f"output_dir={tmp_path / 'rule'}"]) == 0
+    rule = json.loads((tmp_path / "rule" / "results.json").read_text())["final"]
+    assert rule["top1"] < 80, rule
+
+
+def test_finetune_keeps_a_weight_average_validated_alongside_and_saved_beside_the_weights(
+    tmp_path, mae_checkpoint
+):
+    out = tmp_path / "ft"
+    args = ["finetune", *TRAIN, f"checkpoint={mae_checkpoint}", "ema_decay=0.5", f"output_dir={out}"]
+    assert main(args) == 0
+    epochs = epoch_records(out)
+    assert all("ema_top1" in r and "val_top1" in r for r in epochs)
+    results = json.loads((out / "results.json").read_text())
+    assert results["ema"]["top1"] == epochs[-1]["ema_top1"]
+    average, final = load_file(out / "ema.safetensors"), load_file(out / "model.safetensors")
+    assert set(average) == set(final)
+    assert any(not torch.equal(average[k], final[k]) for k in final)  # an average, not a copy
+    start = load_file(mae_checkpoint)
+    assert any(not torch.equal(average[k], start[k]) for k in final if k in start)  # it moved
+    assert load_checkpoint(out / "ema.safetensors").config.num_classes == 10
+    # Off by default.
+    assert main(["finetune", *TRAIN, f"checkpoint={mae_checkpoint}", f"output_dir={tmp_path / 'plain'}"]) == 0
+    assert not (tmp_path / "plain" / "ema.safetensors").exists()
+
+
+def test_a_stopped_finetune_resumes_its_weight_average_exactly(tmp_path, mae_checkpoint):
+    # Without the augmentations whose draws a resume does not replay (RandAugment's NumPy choice of
+    # ops, drop path's in the forward pass), the weights resume bit for bit; so must their average.
+    deterministic = ["mixup=0", "cutmix=0", "auto_augment=none", "drop_path=0"]
+    base = ["finetune", *TRAIN, f"checkpoint={mae_checkpoint}", "ema_decay=0.5", *deterministic]
+    assert main([*base, f"output_dir={tmp_path / 'full'}"]) == 0
+    assert main([*base, "max_steps=5", f"output_dir={tmp_path / 'cut'}"]) == 0  # stops mid-epoch 2
+    assert main([*base, "resume=auto", f"output_dir={tmp_path / 'cut'}"]) == 0
+    full, resumed = (
+        load_file(tmp_path / "full" / "ema.safetensors"),
+        load_file(tmp_path / "cut" / "ema.safetensors"),
+    )
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    weights = load_file(tmp_path / "full" / "model.safetensors")
+    assert any(not torch.equal(full[k], weights[k]) for k in full)  # the comparison can fail

@@ -12,6 +12,7 @@ from openmae.checkpoint.format import (
     unwrap_model,
 )
 from openmae.checkpoint.run import (
+    check_run_checkpoint,
     full_model_state,
     full_optimizer_state,
     list_checkpoints,
@@ -23,6 +24,7 @@ from openmae.checkpoint.run import (
 
 __all__ = [
     "Weights",
+    "check_run_checkpoint",
     "full_model_state",
     "full_optimizer_state",
     "list_checkpoints",

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from openmae.errors import DivergedError
 from openmae.models.mae import MAEConfig, MaskedAutoencoder, build_mae
 from openmae.models.vit import VisionTransformer, ViTConfig
 
@@ -27,6 +28,10 @@ FORMAT = "openmae"
 VERSION = "1"
 RESERVED_METADATA = ("format", "version", "model_class", "config")
 MODEL_CLASSES: dict[str, type[ViTConfig]] = {"MaskedAutoencoder": MAEConfig, "VisionTransformer": ViTConfig}
+
+
+class NonFiniteWeightsError(DivergedError, ValueError):
+    """Weights with NaN or inf, which `save_checkpoint` refuses to write."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -70,7 +75,10 @@ def save_checkpoint(
     state = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     nonfinite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if nonfinite:
-        raise ValueError(f"refusing to save non-finite weights (NaN or inf) in {nonfinite[:8]}")
+        raise NonFiniteWeightsError(
+            f"refusing to save non-finite weights (NaN or inf) in {nonfinite[:8]}: if training diverged, "
+            "lower the learning rate, enable clip_grad, or use fp32"
+        )
     header = {
         **extra,
         "format": FORMAT,
@@ -81,15 +89,23 @@ def save_checkpoint(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write next to the target and rename: a crash never leaves a half-written checkpoint.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         save_file(state, tmp, metadata=header)
+        # safetensors creates its files with mode 0600: give the weights the mode any file gets.
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

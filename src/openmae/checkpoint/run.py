@@ -18,6 +18,7 @@ import os
 import pickle
 import random
 import re
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from openmae.checkpoint.format import read_weights, save_checkpoint, unwrap_model
+from openmae.checkpoint.format import (
+    is_openmae_file,
+    read_metadata,
+    read_weights,
+    save_checkpoint,
+    unwrap_model,
+)
 from openmae.distributed import is_sharded
 
 _NAME = re.compile(r"^checkpoint-(\d+)\.safetensors$")
@@ -71,6 +78,24 @@ def resolve_resume(resume: str | None, out_dir: str | Path) -> Path | None:
     if not path.exists():
         raise FileNotFoundError(f"resume checkpoint not found: {path}")
     return path
+
+
+def check_run_checkpoint(weights: str | Path) -> None:
+    """ValueError unless `weights` and its `.state.pt` look like a complete run checkpoint: an openmae
+    weights file (header read, not the tensors) and a state file torch.save wrote (a whole zip).
+
+    A cheap check made before a resumed run writes anything; `load_run_checkpoint` reads them later.
+    """
+    weights = Path(weights)
+    if not is_openmae_file(read_metadata(weights)):
+        raise ValueError(f"cannot resume from {weights}: not a checkpoint openmae wrote (no format=openmae)")
+    state = state_path_for(weights)
+    if not state.is_file():
+        raise ValueError(f"cannot resume from {weights}: its training state {state.name} is missing")
+    if not zipfile.is_zipfile(state):
+        raise ValueError(
+            f"cannot resume from {weights}: its training state {state.name} is empty or truncated"
+        )
 
 
 def rng_state() -> dict:

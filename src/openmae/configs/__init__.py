@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from openmae.errors import UsageError
+
 CONFIG_DIR = Path(__file__).parent
 
 
@@ -12,13 +14,15 @@ def list_shipped_configs() -> list[str]:
 
 
 def shipped_config(name_or_path: str | Path) -> Path:
-    """A path as given if it exists, else the shipped config of that name (with or without .yaml)."""
+    """A path as given if it exists, else the shipped config of that name (with or without .yaml);
+    `UsageError` when neither exists."""
     path = Path(name_or_path)
     if path.exists():
         return path
     candidate = CONFIG_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
     if candidate.exists():
         return candidate
-    raise FileNotFoundError(
-        f"config {name_or_path} not found; shipped configs: {', '.join(list_shipped_configs())}"
+    raise UsageError(
+        f"config file {str(name_or_path)!r} not found, nor a shipped config of that name "
+        f"({', '.join(list_shipped_configs())})"
     )

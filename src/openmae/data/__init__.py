@@ -10,7 +10,14 @@ Every dataset yields `(image [C, H, W] float, label)`; folder datasets yield Non
 cannot be decoded, which `collate_skip` drops and counts in `Batch.num_skipped`.
 """
 
-from openmae.data.build import DATASETS, DataConfig, build_dataset, build_feed, dataset_mean_std
+from openmae.data.build import (
+    DATASETS,
+    DataConfig,
+    build_dataset,
+    build_feed,
+    dataset_mean_std,
+    training_images,
+)
 from openmae.data.fashion_mnist import FashionMNIST, find_fashion_mnist, read_idx
 from openmae.data.folder import ImageFolderDataset, UnreadableImageWarning, find_images, list_classes
 from openmae.data.images import (
@@ -48,6 +55,7 @@ __all__ = [
     "UnreadableImageWarning",
     "build_dataset",
     "build_feed",
+    "training_images",
     "build_loader",
     "collate_skip",
     "compute_mean_std",

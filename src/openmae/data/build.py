@@ -23,6 +23,7 @@ from openmae.data.images import Channels
 from openmae.data.loader import default_num_workers
 from openmae.data.synthetic import SyntheticImages
 from openmae.data.transforms import Size, default_mean_std, eval_transform, pretrain_transform
+from openmae.data.wrappers import UserImages
 from openmae.errors import UsageError
 
 if TYPE_CHECKING:
@@ -172,11 +173,14 @@ def build_dataset(
     cfg: DataConfig,
     split: str = "train",
     img_size: Size = 224,
-    in_chans: int = 3,
+    in_chans: int | None = 3,
     train_transform: bool = True,
     raw: bool = False,
 ) -> Dataset | None:
     """The dataset of a split, with the training or evaluation transform (`raw`: none, images in [0, 1]).
+
+    `in_chans` is the model's channel count, which every image is made to have (see
+    `_resolve_channels`); None (with `raw`, for a folder or HF dataset) keeps what `data.channels` gives.
 
     Items are `(image [in_chans, *img_size], label)`, or None for an unreadable file. "val" and
     "test" are the same split: the `val_path` folder (None when it is not set), Fashion-MNIST's
@@ -221,6 +225,14 @@ def _build_dataset(
     return _build_folder(cfg, split, channels, transform, jpeg_transform)
 
 
+def training_images(cfg: DataConfig, img_size: Size, in_chans: int) -> Dataset | None:
+    """The map-style training set `build_feed` reads (augmented; with `data.decoder=gpu` its JPEGs
+    left to decode), or None for a streamed dataset."""
+    if cfg.streamed:
+        return None
+    return _build_dataset(cfg, "train", img_size, in_chans, train_transform=True, raw=False)
+
+
 def build_feed(
     cfg: DataConfig,
     img_size: Size,
@@ -233,8 +245,8 @@ def build_feed(
     device: torch.device | str = "cpu",
     dataset: Dataset | None = None,
 ) -> TrainFeed:
-    """The pretraining feed: `cfg`'s training images (or `dataset`'s, a map-style set of augmented
-    `(image, label)` items that replaces them), augmented, in micro-batches.
+    """The pretraining feed: `cfg`'s training images (or `dataset`: a map-style set of augmented
+    `(image, label)` items that replaces them, a user's own or a part of `cfg`'s), in micro-batches.
 
     Micro-batches of `batch_size` samples (`batch_size / cfg.views` images, `views` views each);
     the epoch is a multiple of batch_size x accum_iter x world_size samples; `seed` is the run
@@ -256,7 +268,7 @@ def build_feed(
             f"batch_size={batch_size} is not a multiple of data.views={cfg.views}: a micro-batch is "
             "batch_size / views images x views views"
         )
-    gpu = cfg.decoder == "gpu" and dataset is None
+    gpu = cfg.decoder == "gpu" and not isinstance(dataset, UserImages)  # a user's images come decoded
     if gpu and device.type != "cuda":
         raise UsageError(
             f"data.decoder=gpu decodes JPEGs on a CUDA GPU, and this run's device is {device}; "
@@ -267,7 +279,7 @@ def build_feed(
     options |= {"num_workers": cfg.resolved_num_workers(), "pin_memory": device.type == "cuda"}
     if not cfg.streamed:
         if dataset is None:
-            dataset = _build_dataset(cfg, "train", img_size, in_chans, train_transform=True, raw=False)
+            dataset = training_images(cfg, img_size, in_chans)
         global_batch = batch_size * accum_iter * world_size
         if len(dataset) < global_batch:
             raise UsageError(f"{len(dataset)} training images do not fill a global batch of {global_batch}")
@@ -357,16 +369,24 @@ def _training_classes(cfg: DataConfig) -> list[str] | None:
     return list_classes(cfg.path) if has_class_folders(cfg.path) else None
 
 
-def _resolve_channels(channels: Channels | None, in_chans: int) -> Channels:
-    """The channel mode for the datasets, checked against the model's input channels."""
+def _resolve_channels(channels: Channels | None, in_chans: int | None) -> Channels:
+    """The channel mode for the datasets, checked against the model's input channels.
+
+    For a model (`in_chans` given), "keep" and None both mean its channel count: gray and RGB images
+    are converted into it where that is well defined (gray <-> RGB, alpha dropped), and any other
+    image is skipped and named like an unreadable file, instead of breaking a batch. Without a model
+    (`mae stats`), "keep" leaves every image as stored.
+    """
     if channels is None:
-        return in_chans
+        return "keep" if in_chans is None else in_chans
     if isinstance(channels, str) and channels.isdigit():  # "4" from a command line
         channels = int(channels)
     if channels not in ("keep", "rgb", "gray") and not (type(channels) is int and channels > 0):
         raise ValueError(f"data.channels must be keep, rgb, gray or a channel count; got {channels!r}")
+    if channels == "keep":
+        return "keep" if in_chans is None else in_chans
     expected = {"rgb": 3, "gray": 1}.get(channels, channels)
-    if channels != "keep" and expected != in_chans:
+    if in_chans is not None and expected != in_chans:
         raise ValueError(
             f"data.channels={channels!r} gives {expected} channels but the model takes {in_chans}"
         )

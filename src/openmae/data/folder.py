@@ -161,7 +161,7 @@ class ImageFolderDataset(Dataset):
             if path not in self._warned:
                 self._warned.add(path)
                 warnings.warn(
-                    f"skipping unreadable image {path}: {error.__cause__}", UnreadableImageWarning, 3
+                    f"skipping unreadable image {path}: {error.__cause__ or error}", UnreadableImageWarning, 3
                 )
             return None
         return image, label

@@ -1,7 +1,8 @@
 """Reading one image file into a float tensor `[C, H, W]` in [0, 1], at a chosen channel count.
 
-PIL decodes the common formats; TIFFs go through `tifffile` when it is installed (the `tiff` extra)
-because PIL cannot read TIFFs with more than 4 bands (satellite, microscopy).
+PIL decodes the common formats (an animated GIF gives its first frame); TIFFs go through `tifffile`
+when it is installed (the `tiff` extra) because PIL cannot read TIFFs with more than 4 bands
+(satellite, microscopy).
 Integer pixels are scaled by their type's maximum (so 16-bit images use their full range);
 float pixels are kept as stored.
 """
@@ -19,7 +20,7 @@ from PIL import Image
 from openmae import extras
 from openmae.extras import MissingExtraError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # GIF: its first frame
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*")
 
 Channels = Literal["keep", "rgb", "gray"] | int
@@ -47,6 +48,11 @@ class UnreadableImageError(OSError):
     """A file that should be an image could not be decoded (truncated, empty, not an image...)."""
 
 
+class UnusableChannelsError(UnreadableImageError, ValueError):
+    """An image whose channels cannot give the ones asked for (an RGB photo for a 4-channel model):
+    the datasets skip it and name it, as they do an unreadable file."""
+
+
 def is_image_file(path: str | Path) -> bool:
     """True for a supported extension (case-insensitive) on a name that is not hidden."""
     name = Path(path).name
@@ -62,13 +68,16 @@ def read_image(
 
     Raises:
         UnreadableImageError: the image cannot be decoded.
-        ValueError: the image's channels cannot be converted as `channels` asks.
+        UnusableChannelsError: its channels cannot be converted as `channels` asks (the file is named;
+            the reason alone is the error's `__cause__`).
+        ValueError: `channels` is not a channel mode.
     """
+    check_channels(channels)
     image = decode_image(source, name)
     try:
         return convert_channels(image, channels)
     except ValueError as error:
-        raise ValueError(f"{_describe(source, name)}: {error}") from None
+        raise UnusableChannelsError(f"{_describe(source, name)}: {error}") from error
 
 
 def decode_image(source: str | Path | bytes, name: str | None = None) -> torch.Tensor:
@@ -112,8 +121,7 @@ def convert_channels(image: torch.Tensor, channels: Channels) -> torch.Tensor:
     colour images and the mean of other multi-band images; an int `n` demands `n` channels,
     converting only between gray (1) and RGB (3), and otherwise requires the image to have `n`.
     """
-    if not (channels in ("keep", "rgb", "gray") or (type(channels) is int and channels > 0)):
-        raise ValueError(f"channels must be 'keep', 'rgb', 'gray' or a positive int, got {channels!r}")
+    check_channels(channels)
     C = image.shape[0]
     if channels == "keep":
         return image
@@ -122,7 +130,7 @@ def convert_channels(image: torch.Tensor, channels: Channels) -> torch.Tensor:
             return image[:1].expand(3, -1, -1).contiguous()
         if C in (3, 4):  # RGB (+ alpha)
             return image[:3]
-        raise ValueError(f"cannot convert a {C}-channel image to RGB; use channels='keep' or {C}")
+        raise ValueError(f"cannot convert a {C}-channel image to RGB (a {C}-channel model takes it)")
     if channels == "gray" or channels == 1:
         if C in (1, 2):
             return image[:1]
@@ -132,6 +140,12 @@ def convert_channels(image: torch.Tensor, channels: Channels) -> torch.Tensor:
     if C != channels:
         raise ValueError(f"image has {C} channels, {channels} were asked for")
     return image
+
+
+def check_channels(channels: Channels) -> None:
+    """ValueError unless `channels` is a channel mode: keep, rgb, gray or a positive count."""
+    if not (channels in ("keep", "rgb", "gray") or (type(channels) is int and channels > 0)):
+        raise ValueError(f"channels must be 'keep', 'rgb', 'gray' or a positive int, got {channels!r}")
 
 
 def _read_pil(source: Path | bytes) -> np.ndarray:

@@ -30,7 +30,7 @@ from openmae.data.stream import Record, StreamFeed
 from openmae.errors import UsageError
 
 MANIFEST_FORMAT = "openmae-shards"
-IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # jpg, jpeg, png, webp, bmp, tif, tiff
+IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)  # jpg, jpeg, png, webp, bmp, gif, tif, tiff
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "KI": 2**10, "MI": 2**20, "GI": 2**30}
 _FIELD = re.compile(r"%0?\d*d")  # the shard number's place in an output pattern, printf style
 

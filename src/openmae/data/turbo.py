@@ -104,6 +104,7 @@ class TurboJpegPretrainTransform:
             crops = turbo_crops(data, [view.box for view in views], self.img_size)  # [3, H, W] uint8 each
         except ValueError:
             # Not decodable to RGB here (CMYK, damaged...): PIL decodes it or says it is unreadable.
+            # (A file goes to PIL by its path, which PIL's messages then name.)
             fallback = JpegPretrainTransform(self.img_size, self.mean, self.std, self.crop_scale, self.hflip)
             return fallback.views(data, seeds, name or (None if isinstance(source, bytes) else str(source)))
         flipped = [crop.flip(-1) if view.flip else crop for (crop, _), view in zip(crops, views, strict=True)]

@@ -86,10 +86,17 @@ def random_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
 
 
 def num_classes_of(dataset: Dataset) -> int:
-    """The class count a dataset (or the dataset a wrapper wraps) declares; an error for unlabelled data."""
-    while not hasattr(dataset, "num_classes") and hasattr(dataset, "dataset"):
+    """The class count a dataset (or the dataset a wrapper wraps) declares, as `num_classes` or as a
+    list of `classes` (torchvision's datasets); an error for unlabelled data."""
+    while (
+        not hasattr(dataset, "num_classes")
+        and not hasattr(dataset, "classes")
+        and hasattr(dataset, "dataset")
+    ):
         dataset = dataset.dataset
-    count = getattr(dataset, "num_classes", 0)
+    count = getattr(dataset, "num_classes", None)
+    if count is None:
+        count = len(getattr(dataset, "classes", ()))
     if count <= 0:
         raise ValueError(
             "the training images have no labels (class sub-folders): set num_classes and use labelled data"

@@ -34,19 +34,36 @@ def build_criterion(mixup: Mixup | None, smoothing: float) -> nn.Module:
 # Linear probing (the probe model is `openmae.models.probe.LinearProbe`)
 
 
-def build_lars(model: nn.Module, lr: float, weight_decay: float = 0.0, momentum: float = 0.9) -> Lars:
+def build_lars(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    matrix_lr_scale: float = 1.0,
+) -> Lars:
     """LARS as the MAE linear probe uses it: trust ratio on weight matrices, none on biases and norms.
 
     timm's `Lars` adapts a group only when its weight decay is non-zero (`always_adapt=False`), so
     with the probe's weight decay 0 it would be plain SGD: matrices get `always_adapt=True`, and
-    one-dimensional parameters go in a group that is neither adapted nor decayed.
+    one-dimensional parameters go in a group that is neither adapted nor decayed. The matrices' lr
+    is `lr` x `matrix_lr_scale` (an `lr_scale`, which the training loop's `set_lr` honours): their
+    trust-ratio steps are a share of their norm, the biases' plain steps are not (see
+    `recipes.linprobe.lars_matrix_scale`).
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in trainable if p.ndim > 1], "weight_decay": weight_decay, "always_adapt": True},
+        {
+            "params": [p for p in trainable if p.ndim > 1],
+            "weight_decay": weight_decay,
+            "always_adapt": True,
+            "lr_scale": matrix_lr_scale,
+        },
         {"params": [p for p in trainable if p.ndim <= 1], "weight_decay": 0.0, "always_adapt": False},
     ]
-    return Lars([g for g in groups if g["params"]], lr=lr, momentum=momentum)
+    groups = [g for g in groups if g["params"]]
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    return Lars(groups, lr=lr, momentum=momentum)
 
 
 # ------------------------------------------------------------------------------------------------

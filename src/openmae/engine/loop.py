@@ -46,6 +46,7 @@ from openmae.engine.plan import Progress, Schedule, TrainConfig
 from openmae.engine.precision import autocast, check_precision
 from openmae.engine.schedule import fitted_warmup, warmup_cosine_lr
 from openmae.engine.tallies import EpochTotals, check_readable, format_duration
+from openmae.errors import DivergedError
 from openmae.logging import RunLogger
 
 # Under torchrun, ranks agree on a stop request (one all-reduce) every this many steps.
@@ -72,8 +73,8 @@ class Hook:
         """Called on every rank when training ends (finished or stopped)."""
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+class NonFiniteLossError(DivergedError):
+    """Too many non-finite losses in a row: the run diverged (not an input error)."""
 
 
 class Trainer:

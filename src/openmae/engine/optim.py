@@ -16,12 +16,27 @@ from torch import nn
 
 from openmae.engine.schedule import absolute_lr
 
+LR_SCALINGS = ("linear", "sqrt")
+
 
 @dataclass
 class OptimConfig:
     name: str = field(default="adamw", metadata={"help": "optimizer (timm name): adamw, lars, sgd, ..."})
-    base_lr: float = field(default=1.5e-4, metadata={"help": "lr per 256 images; lr = base_lr x batch / 256"})
+    base_lr: float = field(
+        default=1.5e-4, metadata={"help": "lr per 256 images, scaled to the effective batch by lr_scaling"}
+    )
     lr: float | None = field(default=None, metadata={"help": "absolute lr; overrides base_lr when set"})
+    lr_scaling: str = field(
+        default="linear",
+        metadata={
+            "help": "linear: lr = base_lr x batch / 256 (the paper's) | sqrt: the same lr at "
+            "reference_batch, x sqrt(batch / reference_batch) from there (Adam's rule: a small batch "
+            "keeps a usable lr)"
+        },
+    )
+    reference_batch: int = field(
+        default=256, metadata={"help": "lr_scaling=sqrt: the batch at which it equals the linear rule"}
+    )
     min_lr: float = field(default=0.0, metadata={"help": "floor of the cosine schedule"})
     weight_decay: float = field(
         default=0.05, metadata={"help": "decoupled weight decay (not on biases, norms, tokens)"}
@@ -37,6 +52,12 @@ class OptimConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ValueError(
+                f"optim.lr_scaling must be one of {', '.join(LR_SCALINGS)}; got {self.lr_scaling!r}"
+            )
+        if self.reference_batch < 1:
+            raise ValueError(f"optim.reference_batch must be at least 1, got {self.reference_batch}")
         known = list_optimizers()
         if self.name not in known:
             close = difflib.get_close_matches(self.name, known, n=1)
@@ -44,12 +65,20 @@ class OptimConfig:
             raise ValueError(f"optim.name {self.name!r} is not an optimizer timm knows{hint}")
 
     def peak_lr(self, effective_batch: int) -> tuple[float, str]:
-        """The run's peak lr and where it came from, for the log: `optim.lr` when set, else the
-        paper's scaling rule `base_lr x effective batch / 256`."""
+        """The run's peak lr and where it came from, for the log: `optim.lr` when set, else `base_lr`
+        scaled to the effective batch (`lr_scaling`)."""
         if self.lr is not None:
             return self.lr, f"lr {self.lr:.3g} (optim.lr; effective batch {effective_batch})"
-        lr = absolute_lr(self.base_lr, effective_batch)
-        return lr, f"lr {lr:.3g} = base lr {self.base_lr:g} x effective batch {effective_batch} / 256"
+        lr = absolute_lr(self.base_lr, effective_batch, self.lr_scaling, self.reference_batch)
+        if self.lr_scaling == "linear":
+            rule = f"base lr {self.base_lr:g} x effective batch {effective_batch} / 256"
+        else:
+            ref = self.reference_batch
+            rule = (
+                f"base lr {self.base_lr:g} x {ref} / 256 x sqrt(effective batch {effective_batch} / {ref}) "
+                f"(optim.lr_scaling=sqrt; the linear rule at batch {ref})"
+            )
+        return lr, f"lr {lr:.3g} = {rule}"
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

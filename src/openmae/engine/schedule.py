@@ -34,6 +34,19 @@ def fitted_warmup(warmup: float, total: float) -> float:
     return PAPER_WARMUP_SHARE * total if warmup > MAX_WARMUP_SHARE * total else warmup
 
 
-def absolute_lr(base_lr: float, effective_batch: int) -> float:
-    """The paper's linear scaling rule: lr = base_lr x effective batch / 256."""
-    return base_lr * effective_batch / 256
+def absolute_lr(
+    base_lr: float, effective_batch: int, scaling: str = "linear", reference_batch: int = 256
+) -> float:
+    """The lr of a batch size, from `base_lr` per 256 images.
+
+    `linear` is the paper's rule, lr = base_lr x effective batch / 256. `sqrt` gives the same lr at
+    `reference_batch` and scales with the square root of the batch from there,
+    lr = base_lr x reference_batch / 256 x sqrt(effective batch / reference_batch): the rule under
+    which Adam follows the same trajectory at another batch size (Malladi et al., NeurIPS 2022), where
+    the linear rule leaves a small batch with an lr too small to move in a short run.
+    """
+    if scaling == "linear":
+        return base_lr * effective_batch / 256
+    if scaling == "sqrt":
+        return base_lr * reference_batch / 256 * math.sqrt(effective_batch / reference_batch)
+    raise ValueError(f"lr scaling must be linear or sqrt, got {scaling!r}")

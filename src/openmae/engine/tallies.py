@@ -7,9 +7,10 @@ import time
 import torch
 
 from openmae.distributed import all_reduce_sum
+from openmae.errors import UsageError
 
 
-class UnreadableDataError(ValueError):
+class UnreadableDataError(UsageError):
     """An epoch in which no image, or most images, could be read."""
 
 

@@ -37,6 +37,10 @@ logger = logging.getLogger(__name__)
 Kind = Literal["mae", "encoder", "classifier"]
 
 
+class NoClassifierHeadError(ValueError):
+    """A classifier was asked for, and the checkpoint has no head (an MAE or encoder checkpoint)."""
+
+
 # ------------------------------------------------------------------------------------------------
 # Reading any format into openmae's names.
 
@@ -176,7 +180,7 @@ def build_model(
     if img_size is not None:
         wanted["img_size"] = img_size
     if kind == "classifier" and wanted.get("num_classes", 0) <= 0:
-        raise ValueError("the checkpoint has no classifier head: pass num_classes= to build one")
+        raise NoClassifierHeadError("the checkpoint has no classifier head: pass num_classes= to build one")
     config = config_cls(**wanted)
     model = build_mae(config) if config_cls is MAEConfig else VisionTransformer(config)
     return model, source_grid

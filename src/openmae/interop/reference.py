@@ -34,14 +34,21 @@ def load_pickle(path: str | Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(e))
-        detail = (found.group(1) if found else str(e)).split(". ")[0].strip()
+        if found is None:  # not a pickle at all (e.g. random bytes)
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
+        detail = found.group(1).split(". ")[0].strip()
         raise ValueError(
             f"refused to load {path}: torch.load(weights_only=True) cannot read it safely ({detail}). "
             "Only tensors and plain containers are loaded, since unpickling other objects can run code; "
             "save the weights as a plain state dict or as safetensors"
         ) from e
-    except RuntimeError as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # empty or truncated files: EOFError, OSError, RuntimeError, KeyError...
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint (empty, truncated or another format; {detail})"
+        ) from e
 
 
 def unwrap_container(obj: Any) -> Any:

@@ -22,18 +22,21 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from timm.layers import to_2tuple
 from torch.utils.data import DataLoader, Dataset
 
-from openmae.checkpoint import save_checkpoint
+from openmae.checkpoint import read_metadata, read_weights, save_checkpoint
 from openmae.data import DataConfig, build_dataset, build_loader
+from openmae.data.probe import probe_images
 from openmae.data.wrappers import UserImages, num_classes_of, random_subset
 from openmae.distributed import DistInfo, ShardedEvalSampler
 from openmae.engine.evaluate import classification_metrics
 from openmae.engine.loop import Hook, Progress, Schedule, Task, TrainConfig, Trainer
 from openmae.engine.optim import OptimConfig
+from openmae.interop import load_state_into
 from openmae.models.probe import LinearProbe
 from openmae.models.vit import GlobalPool, VisionTransformer
-from openmae.recipes.runs import open_run
+from openmae.recipes.runs import LossCurve, checked, open_run, stop_signal
 
 
 @dataclass
@@ -84,7 +87,13 @@ class ClassifyResult:
     metrics: dict  # validation metrics of the final weights
     best: dict  # the best validation metrics seen, with their epoch
     progress: Progress
-    stopped_by_signal: bool = False
+    stop_signal: str | None = None  # "SIGINT" / "SIGTERM" when a signal stopped the run early
+    ema_weights: Path | None = None  # the weight average's, with `ema_decay`
+    ema_metrics: dict = field(default_factory=dict)  # its validation metrics
+
+    @property
+    def stopped_by_signal(self) -> bool:
+        return self.stop_signal is not None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,11 +151,15 @@ def labelled_data(
     if val_set is None:
         raise ValueError("validation images are needed (data.val_path for folders)")
     num_classes = cfg.num_classes or num_classes_of(train_set)
-    return LabelledData(
+    data = LabelledData(
         random_subset(train_set, cfg.train_images, cfg.seed),
         random_subset(val_set, cfg.val_images, cfg.seed),
         num_classes,
     )
+    shape = (in_chans, *to_2tuple(img_size))
+    probe_images(data.train_set, shape, "training images", seed=cfg.seed)
+    probe_images(data.val_set, shape, "validation images", seed=cfg.seed)
+    return data
 
 
 def val_loader(cfg: ClassifyConfig, val_set: Dataset) -> DataLoader:
@@ -213,16 +226,25 @@ def fit_classifier(
     build_optimizer,
     resume_from: Path | None,
     num_workers: int,
+    ema_decay: float | None = None,
 ) -> ClassifyResult:
     """Train `model` on `train_data` with `task`, validating as configured; save and report.
 
-    `build_optimizer(model, lr)` makes the optimizer once the run's lr is known.
+    `build_optimizer(model, lr)` makes the optimizer once the run's lr is known. With `ema_decay`, an
+    exponential moving average of the weights is kept, validated alongside, and saved as
+    `ema.safetensors`.
     """
     run = open_run(cfg, cfg.optim, dist, kind)
     if dist.is_main:
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{kind}: {trained:,} trainable parameters, {model.config.num_classes} classes", flush=True)
     validation = Validation(validation_loader, cfg.eval_every, run.out_dir / "best.safetensors", run.metadata)
+    hooks: list[Hook] = [validation]
+    ema = None
+    if ema_decay is not None:
+        ema = WeightAverage(model, ema_decay, validation, run.out_dir / "ema.safetensors", run.metadata)
+        hooks.append(ema)
+    hooks.append(LossCurve(run.out_dir))
     trainer = Trainer(
         model,
         task,
@@ -234,20 +256,26 @@ def fit_classifier(
         run.logger,
         num_workers=num_workers,
         metadata=run.metadata,
-        hooks=[validation],
+        hooks=hooks,
     )
     if resume_from is not None:
-        trainer.resume(resume_from)
+        with checked():
+            trainer.resume(resume_from)
+        if ema is not None:
+            ema.resume(trainer)
     progress = trainer.fit()
     weights = run.out_dir / "model.safetensors"
     final, best = validation.last, validation.best
+    ema_metrics = dict(ema.last) if ema is not None else {}
     if dist.is_main:
         save_checkpoint(exported(model), weights, metadata=run.metadata)
+        averaged = f"; weight average top-1 {ema_metrics['top1']:.2f}%" if ema_metrics else ""
         print(
             f"{kind}: val top-1 {final['top1']:.2f}%, top-5 {final['top5']:.2f}% "
-            f"(best top-1 {best['top1']:.2f}% at epoch {best.get('epoch')}); weights: {weights}"
+            f"(best top-1 {best['top1']:.2f}% at epoch {best.get('epoch')}){averaged}; weights: {weights}"
         )
-        (run.out_dir / "results.json").write_text(json.dumps({"final": final, "best": best}, indent=2))
+        results = {"final": final, "best": best} | ({"ema": ema_metrics} if ema_metrics else {})
+        (run.out_dir / "results.json").write_text(json.dumps(results, indent=2))
     run.logger.close()
     return ClassifyResult(
         run.out_dir,
@@ -256,8 +284,56 @@ def fit_classifier(
         dict(final),
         dict(best),
         progress,
-        trainer.stopped_by_signal,
+        stop_signal(trainer),
+        ema.path if ema is not None else None,
+        ema_metrics,
     )
+
+
+class WeightAverage(Hook):
+    """An exponential moving average of the weights (timm's `ModelEmaV3`), updated after every step,
+    validated whenever `validation` is, and saved as `path` when the run ends (finished or stopped).
+
+    The average is not part of the run checkpoints: a run resumed at the step `path` was written
+    (a stop by a signal) continues it; one resumed elsewhere (after a crash) starts it again from
+    the resumed weights, and says so.
+    """
+
+    def __init__(
+        self, model: VisionTransformer, decay: float, validation: Validation, path: Path, metadata: dict
+    ) -> None:
+        from timm.utils import ModelEmaV3
+
+        self.ema = ModelEmaV3(model, decay=decay)
+        self.validation, self.path, self.metadata = validation, path, metadata
+        self.last: dict = {}
+
+    def resume(self, trainer: Trainer) -> None:
+        step = trainer.progress.step
+        saved = read_metadata(self.path).get("step") if self.path.is_file() else None
+        if saved == str(step):
+            load_state_into(self.ema.module, read_weights(self.path).state)
+        else:
+            trainer.say(
+                f"weight average: none saved at step {step}; it starts again from the resumed weights"
+            )
+            self.ema.set(trainer.model)
+
+    def after_step(self, trainer: Trainer) -> None:
+        self.ema.update(trainer.model, step=trainer.progress.step)
+
+    def after_epoch(self, trainer: Trainer, epoch: int) -> dict:
+        if self.validation.last.get("step") != trainer.progress.step:  # validation skipped this epoch
+            return {}
+        self.last = classification_metrics(self.ema.module, self.validation.loader, trainer.device)
+        return {f"ema_{k}": v for k, v in self.last.items() if k != "count"}
+
+    def after_fit(self, trainer: Trainer) -> None:
+        if not self.last or self.validation.last.get("step") != trainer.progress.step:
+            self.last = classification_metrics(self.ema.module, self.validation.loader, trainer.device)
+        if trainer.dist.is_main:
+            metadata = {**self.metadata, "step": str(trainer.progress.step), "ema_decay": str(self.ema.decay)}
+            save_checkpoint(exported(self.ema.module), self.path, metadata=metadata)
 
 
 __all__ = ["ClassifyConfig", "ClassifyResult", "build_classifier", "fit_classifier"]

@@ -30,7 +30,7 @@ from openmae.recipes.classify import (
     labelled_data,
     val_loader,
 )
-from openmae.recipes.runs import checked, join_run, resume_point
+from openmae.recipes.runs import checked, fitted_batch, join_run, resume_point
 
 
 @dataclass
@@ -48,6 +48,13 @@ class FinetuneConfig(ClassifyConfig):
         default="rand-m9-mstd0.5-inc1", metadata={"help": "timm RandAugment policy (none: off)"}
     )
     reprob: float = field(default=0.25, metadata={"help": "random erasing probability"})
+    ema_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "keep an exponential moving average of the weights with this decay (e.g. 0.9998; "
+            "timm's ModelEmaV3), validated alongside and saved as ema.safetensors (none: off)"
+        },
+    )
     epochs: int = field(default=100, metadata={"help": "training epochs (the schedule spans them)"})
     global_pool: GlobalPool = field(
         default="avg", metadata={"help": "token (cls) | avg (mean of patch tokens)"}
@@ -60,6 +67,8 @@ class FinetuneConfig(ClassifyConfig):
             betas=(0.9, 0.999),
             layer_decay=0.75,
             warmup_epochs=5,
+            lr_scaling="sqrt",  # the paper's lr at its batch of 1024, square-root scaled at other sizes
+            reference_batch=1024,
         )
     )
     output_dir: str = field(
@@ -68,6 +77,8 @@ class FinetuneConfig(ClassifyConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be between 0 and 1 (e.g. 0.9998), got {self.ema_decay}")
         if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
             raise ValueError(
                 f"mixup / cutmix mix a batch with its reverse: batch_size must be even, got {self.batch_size}"
@@ -91,6 +102,8 @@ def finetune(cfg: FinetuneConfig, dataset: Dataset | None = None) -> ClassifyRes
             raw = build_dataset(cfg.data, "train", img_size, in_chans, raw=True)
             train_set = Transformed(raw, finetune_transform(cfg, img_size, in_chans))
         data = labelled_data(cfg, train_set, img_size, in_chans, dataset)
+        mixes = cfg.mixup > 0 or cfg.cutmix > 0  # a batch is mixed with its reverse: an even size
+        cfg = fitted_batch(cfg, len(data.train_set), dist, "finetune", multiple=2 if mixes else 1)
         model = build_classifier(
             encoder, data.num_classes, cfg.global_pool, probe=False, drop_path=cfg.drop_path
         )
@@ -109,6 +122,7 @@ def finetune(cfg: FinetuneConfig, dataset: Dataset | None = None) -> ClassifyRes
         lambda model, lr: build_optimizer(model, cfg.optim, lr),
         resume_from,
         cfg.data.resolved_num_workers(),
+        ema_decay=cfg.ema_decay,
     )
 
 

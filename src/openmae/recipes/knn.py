@@ -18,12 +18,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from openmae.data import DataConfig, build_dataset, build_loader
-from openmae.data.wrappers import num_classes_of, random_subset
-from openmae.distributed import ShardedEvalSampler, init_distributed, is_main_process
+from openmae.data.probe import probe_images
+from openmae.data.wrappers import UserImages, num_classes_of, random_subset
+from openmae.distributed import ShardedEvalSampler, is_main_process
 from openmae.engine.knn import knn_accuracy
-from openmae.errors import UsageError
 from openmae.interop import load_encoder
 from openmae.models.vit import GlobalPool, VisionTransformer
+from openmae.recipes.runs import checked, join_run
 
 
 @dataclass
@@ -43,6 +44,7 @@ class KnnConfig:
     img_size: int | tuple[int, int] | None = field(
         default=None, metadata={"help": "image side, or height,width (None: the checkpoint's)"}
     )
+    num_classes: int | None = field(default=None, metadata={"help": "classes (None: the dataset's)"})
     k: int = field(default=20, metadata={"help": "neighbours that vote"})
     temperature: float = field(default=0.07, metadata={"help": "votes weigh exp(cosine / temperature)"})
     pool: GlobalPool = field(default="token", metadata={"help": "token (cls) | avg (mean of patch tokens)"})
@@ -63,24 +65,31 @@ class KnnConfig:
             )
 
 
-def knn(cfg: KnnConfig) -> dict:
-    """k-NN top-1 / top-5 (percent) of `cfg.checkpoint`'s features; returns the metrics."""
-    device = init_distributed(cfg.device).device
-    try:
+def knn(cfg: KnnConfig, dataset: Dataset | None = None) -> dict:
+    """k-NN top-1 / top-5 (percent) of `cfg.checkpoint`'s features; returns the metrics.
+
+    `dataset` (labelled images `[C, H, W]` at the encoder's size) replaces `cfg.data`'s training
+    images as the memory bank; the queries are still `cfg.data`'s validation images.
+    """
+    device = join_run(cfg).device
+    with checked():
         torch.manual_seed(cfg.seed)
         encoder = load_encoder(cfg.checkpoint, cfg.model, cfg.num_heads, cfg.img_size).to(device)
         img_size, in_chans = encoder.config.img_size, encoder.config.in_chans
-        bank = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=False)
+        if dataset is not None:
+            bank = UserImages(dataset, in_chans, img_size)
+        else:
+            bank = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=False)
         queries = build_dataset(cfg.data, "val", img_size, in_chans, train_transform=False)
         if queries is None:
             raise ValueError("validation images are needed (data.val_path for folders)")
-        num_classes = num_classes_of(bank)
-    except (ValueError, FileNotFoundError) as error:
-        raise UsageError(str(error)) from error
-    bank, queries = (
-        random_subset(bank, cfg.train_images, cfg.seed),
-        random_subset(queries, cfg.val_images, cfg.seed),
-    )
+        num_classes = cfg.num_classes or num_classes_of(bank)
+        bank, queries = (
+            random_subset(bank, cfg.train_images, cfg.seed),
+            random_subset(queries, cfg.val_images, cfg.seed),
+        )
+        probe_images(bank, (in_chans, *img_size), "memory-bank images", seed=cfg.seed)
+        probe_images(queries, (in_chans, *img_size), "query images", seed=cfg.seed)
     workers = cfg.data.resolved_num_workers()
     metrics = knn_accuracy(
         encoder,

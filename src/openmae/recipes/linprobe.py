@@ -30,7 +30,10 @@ from openmae.recipes.classify import (
     labelled_data,
     val_loader,
 )
-from openmae.recipes.runs import checked, join_run, resume_point
+from openmae.recipes.runs import checked, fitted_batch, join_run, resume_point
+
+# ImageNet-1k's training images: the dataset the paper's linear-probe lr was set for.
+IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 @dataclass
@@ -50,6 +53,13 @@ class LinprobeConfig(ClassifyConfig):
     )
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(name="lars", base_lr=0.1, weight_decay=0.0, warmup_epochs=10)
+    )
+    lars_reference_images: int = field(
+        default=IMAGENET_TRAIN_IMAGES,
+        metadata={
+            "help": "LARS: the head's weight matrix trains at this / training images x the lr (when "
+            "more than 1), so an epoch moves it as far as an epoch of the paper's ImageNet-1k (0: off)"
+        },
     )
     output_dir: str = field(
         default="runs/linprobe", metadata={"help": "folder for checkpoints, logs and config"}
@@ -72,6 +82,8 @@ def linprobe(cfg: LinprobeConfig, dataset: Dataset | None = None) -> ClassifyRes
         if dataset is None:
             train_set = build_dataset(cfg.data, "train", img_size, in_chans, train_transform=cfg.augment)
         data = labelled_data(cfg, train_set, img_size, in_chans, dataset)
+        # BatchNorm in training mode needs two images to normalise by.
+        cfg = fitted_batch(cfg, len(data.train_set), dist, "linprobe", minimum=2)
         model = build_classifier(encoder, data.num_classes, cfg.global_pool, probe=True)
     resume_from = resume_point(cfg)
     train_data, validation, num_workers = (
@@ -83,6 +95,14 @@ def linprobe(cfg: LinprobeConfig, dataset: Dataset | None = None) -> ClassifyRes
         # The encoder is frozen and the images fixed: encode them once, train the head on the features.
         train_data, validation = cache_features(model, train_data, validation, cfg, dist.device)
         num_workers = 0
+    matrix_scale = lars_matrix_scale(cfg, len(data.train_set))
+    if matrix_scale != 1.0 and dist.is_main:
+        print(
+            f"linprobe: LARS: the head's weight matrix trains at {matrix_scale:,.0f} x the lr below "
+            f"({cfg.lars_reference_images:,} ImageNet images / {len(data.train_set):,} training images: "
+            "an epoch moves it as far as one of the paper's; lars_reference_images=0 turns it off)",
+            flush=True,
+        )
     return fit_classifier(
         cfg,
         dist,
@@ -91,15 +111,34 @@ def linprobe(cfg: LinprobeConfig, dataset: Dataset | None = None) -> ClassifyRes
         train_data,
         validation,
         ClassifyTask(torch.nn.CrossEntropyLoss()),
-        lambda model, lr: probe_optimizer(cfg.optim, model, lr),
+        lambda model, lr: probe_optimizer(cfg.optim, model, lr, matrix_scale),
         resume_from,
         num_workers,
     )
 
 
-def probe_optimizer(optim: OptimConfig, model: VisionTransformer, lr: float) -> torch.optim.Optimizer:
+def lars_matrix_scale(cfg: LinprobeConfig, train_images: int) -> float:
+    """The factor on the lr of LARS' trust-ratio steps (the head's weight matrix) for a training set
+    smaller than ImageNet-1k: ImageNet's size over the dataset's (1 when off, or for larger sets).
+
+    A trust-ratio step moves the matrix by a fixed share of its norm (lr x trust coefficient), so the
+    batch rule (lr proportional to the batch, steps per epoch inversely so) moves it by the same
+    amount per epoch at any batch size, but that amount shrinks with the dataset: the paper's
+    0.1 x batch / 256 on 48 images moves the head 26,690 times less per epoch than on ImageNet, and a
+    30-epoch probe stayed below chance. The factor gives each epoch the paper's movement. The bias
+    keeps the rule's lr: its plain steps do not shrink with the dataset, and 26,690 times larger
+    they throw the logits around by tens a step.
+    """
+    if cfg.optim.name != "lars" or cfg.lars_reference_images <= 0 or cfg.optim.lr is not None:
+        return 1.0
+    return max(1.0, cfg.lars_reference_images / train_images)
+
+
+def probe_optimizer(
+    optim: OptimConfig, model: VisionTransformer, lr: float, matrix_lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
     if optim.name == "lars":  # with the probe's trust-ratio rules, which timm's defaults miss
-        return build_lars(model, lr, optim.weight_decay, optim.momentum)
+        return build_lars(model, lr, optim.weight_decay, optim.momentum, matrix_lr_scale)
     return build_optimizer(model, optim, lr)
 
 

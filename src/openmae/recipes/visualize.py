@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
 from openmae.checkpoint import read_metadata
 from openmae.data import DataConfig, build_dataset, dataset_mean_std, find_images
+from openmae.data.folder import UnreadableImageWarning
+from openmae.data.images import UnreadableImageError
 from openmae.errors import UsageError
 from openmae.interop import load_checkpoint
 from openmae.models import MaskedAutoencoder
+from openmae.recipes.runs import checked
 
 
 def visualize(
@@ -34,32 +38,58 @@ def visualize(
     """
     from openmae import viz
 
-    try:
+    with checked():
         model = load_checkpoint(checkpoint)
-    except (ValueError, FileNotFoundError) as error:
-        raise UsageError(str(error)) from error
-    if not isinstance(model, MaskedAutoencoder):
-        raise UsageError(f"{checkpoint} holds no MAE decoder; reconstructions need a pretraining checkpoint")
-    if not 0 <= mask_ratio < 1:
-        raise UsageError(f"mask ratio must be in [0, 1), got {mask_ratio}")
-    model.eval()
-    data_cfg = run_data_config(checkpoint)
-    if dataset is not None:
-        data_cfg = DataConfig(dataset=dataset)
-    in_chans, img_size = model.config.in_chans, model.config.img_size
-    default_mean, default_std = dataset_mean_std(data_cfg, in_chans)
-    mean, std = tuple(mean or default_mean), tuple(std or default_std)
-    if images:
-        batch = viz.load_images(image_files(images)[:num_images], img_size, in_chans, mean, std)
-    else:
-        test_set = build_dataset(data_cfg, "test", img_size, in_chans, train_transform=False)
-        if test_set is None:
-            raise UsageError(
-                "no images given and the checkpoint's dataset has no test split; pass image files"
+        if not isinstance(model, MaskedAutoencoder):
+            raise ValueError(
+                f"{checkpoint} holds no MAE decoder; reconstructions need a pretraining checkpoint"
             )
-        subset = Subset(test_set, range(min(num_images, len(test_set))))
-        batch = torch.stack([subset[i][0] for i in range(len(subset))])
+        if not 0 <= mask_ratio < 1:
+            raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+        data_cfg = run_data_config(checkpoint)
+        if dataset is not None:
+            data_cfg = DataConfig(dataset=dataset)
+        in_chans, img_size = model.config.in_chans, model.config.img_size
+        default_mean, default_std = dataset_mean_std(data_cfg, in_chans)
+        mean, std = tuple(mean or default_mean), tuple(std or default_std)
+        if images:
+            batch = readable_images(image_files(images), num_images, img_size, in_chans, mean, std)
+        else:
+            batch = test_images(data_cfg, num_images, img_size, in_chans)
+    model.eval()
     return viz.save_reconstruction_grid(model, batch, out, mean, std, mask_ratio=mask_ratio, seed=seed)
+
+
+def readable_images(files: list[Path], count: int, img_size, in_chans: int, mean, std) -> torch.Tensor:
+    """The first `count` files that can be read as `in_chans` channels, as one batch; the others are
+    skipped with a warning naming them, and none readable is an error naming the first."""
+    from openmae import viz
+
+    images, failures = [], []
+    for path in files:
+        if len(images) == count:
+            break
+        try:
+            images.append(viz.load_images([path], img_size, in_chans, mean, std))
+        except (UnreadableImageError, ValueError) as error:
+            failures.append(str(error))
+    if not images:
+        raise ValueError(failures[0] + ("" if len(failures) == 1 else f" (and {len(failures) - 1} more)"))
+    for failure in failures:
+        warnings.warn(f"skipped: {failure}", UnreadableImageWarning, stacklevel=3)
+    return torch.cat(images)
+
+
+def test_images(data_cfg: DataConfig, count: int, img_size, in_chans: int) -> torch.Tensor:
+    """The first `count` readable images of the test split of the checkpoint's dataset."""
+    test_set = build_dataset(data_cfg, "test", img_size, in_chans, train_transform=False)
+    if test_set is None:
+        raise ValueError("no images given and the checkpoint's dataset has no test split; pass image files")
+    items = (test_set[i] for i in range(len(test_set)))
+    images = list(itertools.islice((item[0] for item in items if item is not None), count))
+    if not images:
+        raise ValueError("no image of the checkpoint's test split could be read; pass image files")
+    return torch.stack(images)
 
 
 def run_data_config(checkpoint: str | Path) -> DataConfig:
