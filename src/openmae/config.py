@@ -43,6 +43,8 @@ __all__ = [
     "config_to_yaml",
     "diff_from_defaults",
     "load_config",
+    "merge_updates",
+    "nest_dotted",
     "parse_config_cli",
     "parse_overrides",
     "save_config",
@@ -137,6 +139,19 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config_to_yaml(cfg))
     return path
+
+
+def nest_dotted(dotted: Mapping[str, Any]) -> dict:
+    """`{"data.path": x, "epochs": 2}` -> `{"data": {"path": x}, "epochs": 2}` (for `config_from_dict`)."""
+    updates: dict = {}
+    for key, value in dotted.items():
+        _set_dotted(updates, key, value)
+    return updates
+
+
+def merge_updates(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict:
+    """Nested updates `extra` laid over `base`: sections merge key by key, other values replace."""
+    return _deep_merge(dict(base), extra)
 
 
 def diff_from_defaults(cfg: Any) -> dict:

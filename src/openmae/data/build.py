@@ -46,6 +46,13 @@ class DataConfig:
         default=(0.2, 1.0), metadata={"help": "RandomResizedCrop area range for training"}
     )
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips for training"})
+    random_crop: bool = field(
+        default=True,
+        metadata={"help": "random-resized crops for training (false: a resize; Table 1e 'none')"},
+    )
+    color_jitter: float = field(
+        default=0.0, metadata={"help": "brightness / contrast / saturation jitter for training (0: off)"}
+    )
     fast_decode: bool = field(
         default=True,
         metadata={
@@ -71,6 +78,8 @@ class DataConfig:
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
+        if self.color_jitter < 0:
+            raise ValueError(f"data.color_jitter must be >= 0, got {self.color_jitter}")
 
     def resolved_num_workers(self) -> int:
         """`num_workers`, or a default when it is None: 0 for Fashion-MNIST and synthetic images,
@@ -119,8 +128,13 @@ def build_dataset(
     if not raw:
         mean, std = dataset_mean_std(cfg, in_chans)
         if train_transform:
-            transform = pretrain_transform(img_size, mean, std, cfg.crop_scale, cfg.hflip)
-            if cfg.fast_decode and channels in ("rgb", 3):
+            if cfg.color_jitter and in_chans not in (1, 3):
+                raise ValueError(f"data.color_jitter works on 1 or 3 channels, not {in_chans}")
+            transform = pretrain_transform(
+                img_size, mean, std, cfg.crop_scale, cfg.hflip, cfg.random_crop, cfg.color_jitter
+            )
+            plain_crop = cfg.random_crop and not cfg.color_jitter  # what the fused JPEG decode does
+            if cfg.fast_decode and channels in ("rgb", 3) and plain_crop:
                 # The same augmentation, drawn while decoding JPEGs at reduced size.
                 jpeg_transform = JpegPretrainTransform(img_size, mean, std, cfg.crop_scale, cfg.hflip)
         else:

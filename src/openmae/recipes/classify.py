@@ -28,6 +28,7 @@ from torchvision.transforms import v2
 
 from openmae.config import config_to_dict, save_config
 from openmae.data import DataConfig, build_dataset, build_loader, dataset_mean_std
+from openmae.data.subsets import balanced_subset
 from openmae.distributed import DistInfo, ShardedEvalSampler, all_gather_cat, init_distributed
 from openmae.engine.checkpoint import resolve_resume
 from openmae.engine.classify import (
@@ -73,6 +74,10 @@ class ClassifyConfig(TrainConfig):
     train_images: int | None = field(
         default=None, metadata={"help": "train on a random subset of this many images (None: all)"}
     )
+    train_fraction: float | None = field(
+        default=None,
+        metadata={"help": "train on this share of every class's images (a balanced subset drawn from seed)"},
+    )
     val_images: int | None = field(
         default=None, metadata={"help": "validate on a random subset of this many images (None: all)"}
     )
@@ -87,6 +92,8 @@ class ClassifyConfig(TrainConfig):
         super().__post_init__()
         if self.eval_every < 1:
             raise ValueError("eval_every must be at least 1")
+        if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
 
 
 @dataclass
@@ -337,6 +344,8 @@ def _prepare(cfg: ClassifyConfig, probe: bool, dist: DistInfo) -> _Run:
         model = build_classifier(encoder, num_classes, cfg.global_pool, probe, getattr(cfg, "drop_path", 0.0))
         if getattr(cfg, "trainable_blocks", None) is not None:
             train_only_last_blocks(model, cfg.trainable_blocks)
+        if cfg.train_fraction is not None:  # the labelled share, before any train_images cut
+            train_set = balanced_subset(train_set, cfg.train_fraction, seed=cfg.seed)
         return _Run(
             model,
             random_subset(train_set, cfg.train_images, cfg.seed),

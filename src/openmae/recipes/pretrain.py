@@ -37,6 +37,17 @@ class PretrainConfig(TrainConfig):
     mask_ratio: float = field(default=0.75, metadata={"help": "share of patches hidden from the encoder"})
     mask_sampling: str = field(default="random", metadata={"help": "random | block | grid"})
     norm_pix_loss: bool = field(default=True, metadata={"help": "predict per-patch normalised pixels"})
+    decoder_embed_dim: int | None = field(
+        default=None, metadata={"help": "decoder width (None: the model's)"}
+    )
+    decoder_depth: int | None = field(default=None, metadata={"help": "decoder blocks (None: the model's)"})
+    decoder_num_heads: int | None = field(
+        default=None, metadata={"help": "decoder attention heads (None: the model's)"}
+    )
+    encoder_mask_tokens: bool | None = field(
+        default=None,
+        metadata={"help": "mask tokens in the encoder: the paper's Table 1c baseline (None: the model's)"},
+    )
     eval_images: int = field(default=512, metadata={"help": "held-out images for reconstruction error"})
     vis_every: int = field(
         default=5, metadata={"help": "epochs between held-out evaluation + images (0: off)"}
@@ -77,6 +88,11 @@ class PretrainTask:
 
 
 def build_pretrain_model(cfg: PretrainConfig) -> MaskedAutoencoder:
+    return create_model(cfg.model, **model_overrides(cfg))
+
+
+def model_overrides(cfg: PretrainConfig) -> dict:
+    """The fields of the named model's config that `cfg` sets."""
     overrides = {
         "mask_ratio": cfg.mask_ratio,
         "norm_pix_loss": cfg.norm_pix_loss,
@@ -86,7 +102,10 @@ def build_pretrain_model(cfg: PretrainConfig) -> MaskedAutoencoder:
         overrides["img_size"] = cfg.img_size
     if cfg.in_chans is not None:
         overrides["in_chans"] = cfg.in_chans
-    return create_model(cfg.model, **overrides)
+    for name in ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "encoder_mask_tokens"):
+        if getattr(cfg, name) is not None:  # None keeps the named model's value
+            overrides[name] = getattr(cfg, name)
+    return overrides
 
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
