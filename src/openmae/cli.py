@@ -182,7 +182,8 @@ def knn_command(argv: list[str]) -> int:
     "ablate", "run ablation studies (the paper's Table 1, Figures 5, 6, 9): sweeps, seeds, tables, plots"
 )
 def ablate_command(argv: list[str]) -> int:
-    from openmae.recipes.ablate import ablate, list_studies
+    from openmae.recipes.ablate import ablate
+    from openmae.recipes.ablate_study import list_studies
 
     parser = _parser(
         "ablate", f"Run ablation studies (YAML files). Shipped studies: {', '.join(list_studies())}."
@@ -197,7 +198,7 @@ def ablate_command(argv: list[str]) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="replace every variant's seeds")
     parser.add_argument(
         "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
-        help="config keys over the study's (mask_ratio=0.5, linprobe.epochs=10, data.path=DIR)",
+        help="config keys over the study's: mask_ratio=0.5, linprobe.epochs=10, data.path=DIR (every run's)",
     )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the jobs and whether they are done")
     args = parser.parse_args(argv)

@@ -13,8 +13,9 @@ from openmae.data import SyntheticImages
 from openmae.data.subsets import balanced_indices, balanced_subset, dataset_labels
 from openmae.engine.loop import Trainer
 from openmae.errors import UsageError
-from openmae.recipes.ablate import list_studies, load_study, plan
+from openmae.recipes.ablate import plan
 from openmae.recipes.ablate_report import judge
+from openmae.recipes.ablate_study import list_studies, load_study
 
 RUN = {"device": "cpu", "log_every": 1, "optim": {"warmup_epochs": 0.5}}
 STUDY = {
@@ -145,6 +146,19 @@ def test_sweep_keys_reach_one_evaluation_or_every_evaluation(tmp_path):
         "trainable_blocks" not in variants[0].evals[1].updates
         and variants[0].pretrain == variants[1].pretrain
     )
+    # `--set data.k=v` reaches every run; other keys the pretraining, or the evaluation they name.
+    overrides = ["data.synthetic_size=16", "linprobe.epochs=3"]
+    (variant,) = load_study(write_study(tmp_path, study), overrides).variants
+    assert variant.pretrain["data"]["synthetic_size"] == "16" and "epochs" not in variant.evals[1].updates
+    assert all(e.updates["data"]["synthetic_size"] == "16" for e in variant.evals)
+    assert variant.evals[0].updates["epochs"] == "3"
+    # A model from scratch is the pretraining's size unless it names one.
+    scratch = {**STUDY, "sweep": None, "evals": {"scratch": {"kind": "finetune", "checkpoint": "none"}}}
+    (variant,) = load_study(write_study(tmp_path, scratch), ["model=mae_vit_tiny_patch4_32"]).variants
+    assert (
+        variant.evals[0].updates["model"] == "mae_vit_tiny_patch4_32"
+        and not variant.evals[0].needs_pretraining
+    )
 
 
 @pytest.mark.parametrize(
@@ -181,8 +195,13 @@ def test_the_shipped_studies_load_and_share_their_default_pretraining(tmp_path):
     seed0 = [r for r in runs if r.seed == 0]
     shared = {r.pretrain for r in seed0 if (r.study, r.variant.name) in default}
     assert len(shared) == 1
-    assert all(r.pretrain in shared for r in seed0 if r.study in ("partial_finetune", "labels_scarce"))
+    studies_of_the_default = ("partial_finetune", "labels_scarce")
+    assert all(
+        r.pretrain in shared for r in seed0 if r.study in studies_of_the_default and not r.variant.reference
+    )
     assert sum(job.kind == "pretrain" for job in jobs.values()) == 2 * 15  # 15 pretrainings, 2 seeds
+    baselines = {r.evals["linprobe"] for r in runs if r.variant.reference and r.seed == 0}
+    assert len(baselines) == 1 and all(r.pretrain is None for r in runs if r.variant.reference)
     assert not (tmp_path / "runs").exists()
 
 

@@ -14,7 +14,8 @@ from openmae import viz
 from openmae.config import config_from_dict
 from openmae.data import build_dataset, dataset_mean_std
 from openmae.interop import load_checkpoint
-from openmae.recipes.ablate import Job, Run, Study
+from openmae.recipes.ablate import Job, Run
+from openmae.recipes.ablate_study import Study
 from openmae.recipes.pretrain import PretrainConfig, build_pretrain_model
 
 

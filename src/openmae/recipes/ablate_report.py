@@ -23,7 +23,8 @@ import math
 import statistics
 from pathlib import Path
 
-from openmae.recipes.ablate import Job, Run, Study, slug
+from openmae.recipes.ablate import Job, Run, slug
+from openmae.recipes.ablate_study import Study
 
 # Series a plot panel or a claim can name besides the evaluations: numbers of the pretraining.
 PRETRAIN_SERIES = {
@@ -45,7 +46,9 @@ def collect(study: Study, runs: list[Run], jobs: dict[str, Job]) -> list[dict]:
                 "evals": {name: _job_record(jobs[key]) for name, key in run.evals.items()},
             }
         if seeds:
-            records.append({"name": variant.name, "x": variant.x, "seeds": seeds})
+            records.append(
+                {"name": variant.name, "x": variant.x, "reference": variant.reference, "seeds": seeds}
+            )
     return records
 
 
@@ -93,6 +96,7 @@ def summarise(study: Study, records: list[dict]) -> dict:
             {
                 "name": record["name"],
                 "x": record["x"],
+                "reference": record["reference"],
                 "seeds": sorted(record["seeds"]),
                 "metrics": {series: describe(series_values(record, series)) for series in columns},
                 "paper": (study.paper.get("results") or {}).get(record["name"]),
@@ -237,7 +241,8 @@ def markdown(summary: dict, heading: str = "##") -> str:
 
 def plot_study(study: Study, summary: dict, path: Path) -> Path:
     """One panel per evaluation (or as the study's `plot.panels` say): mean ± std over seeds, every
-    seed as a dot. Numeric variant values (`x`) make a numeric axis, others one tick per variant."""
+    seed as a dot. Numeric variant values (`x`) make a numeric axis, others one tick per variant;
+    reference variants (baselines) are horizontal lines at their mean."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -245,7 +250,8 @@ def plot_study(study: Study, summary: dict, path: Path) -> Path:
 
     spec = study.plot
     panels = spec.get("panels") or [{"title": name, "series": [name]} for name in study.eval_names]
-    rows = summary["rows"]
+    rows = [r for r in summary["rows"] if not r.get("reference")]
+    references = [r for r in summary["rows"] if r.get("reference")]
     numeric = all(isinstance(r["x"], (int, float)) and not isinstance(r["x"], bool) for r in rows)
     positions = [r["x"] if numeric else i for i, r in enumerate(rows)]
     figure, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6), squeeze=False)
@@ -272,6 +278,12 @@ def plot_study(study: Study, summary: dict, path: Path) -> Path:
             dots_x = [x for x, s in points for _ in s["values"]]
             dots_y = [v for _, s in points for v in s["values"]]
             axis.scatter(dots_x, dots_y, s=10, alpha=0.5, color=line[0].get_color())
+        for reference, style in zip(references, ("--", ":", "-."), strict=False):
+            for series in panel["series"]:
+                stat = reference["metrics"].get(series)
+                if stat and stat["n"]:
+                    label = f"{reference['name']}" + ("" if len(panel["series"]) == 1 else f" ({series})")
+                    axis.axhline(stat["mean"], color="gray", linestyle=style, linewidth=1, label=label)
         axis.set_title(panel.get("title", ""))
         axis.set_ylabel(
             panel.get("y_label")
@@ -282,8 +294,8 @@ def plot_study(study: Study, summary: dict, path: Path) -> Path:
             axis.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=25, ha="right")
         elif spec.get("log_x"):
             axis.set_xscale("log")
-        if len(panel["series"]) > 1:
-            axis.legend(fontsize=8)
+        if len(panel["series"]) > 1 or references:
+            axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
     figure.suptitle(summary["title"])
     figure.tight_layout()

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from openmae.config import config_from_dict
-from openmae.recipes.ablate import CONFIGS, Job
+from openmae.recipes.ablate import Job
+from openmae.recipes.ablate_study import CONFIGS
 
 STOPPED = 3  # exit code of a job process that was stopped and left a checkpoint
 
