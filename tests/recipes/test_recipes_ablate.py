@@ -9,13 +9,14 @@ import torch
 import yaml
 
 from openmae.cli import main
-from openmae.data import SyntheticImages
+from openmae.data import DataConfig, SyntheticImages, build_dataset
 from openmae.data.subsets import balanced_indices, balanced_subset, dataset_labels
 from openmae.engine.loop import Trainer
 from openmae.errors import UsageError
 from openmae.recipes.ablate import plan
 from openmae.recipes.ablate_report import judge
 from openmae.recipes.ablate_study import list_studies, load_study
+from openmae.recipes.pretrain import PretrainConfig, build_pretrain_model
 
 RUN = {"device": "cpu", "log_every": 1, "optim": {"warmup_epochs": 0.5}}
 STUDY = {
@@ -90,6 +91,35 @@ def test_train_fraction_trains_a_probe_on_the_balanced_share(tmp_path):
     args += ["device=cpu", "epochs=1", "batch_size=4", "train_fraction=0.25", f"output_dir={out}"]
     assert main(args) == 0
     assert json.loads((out / "results.json").read_text())["final"]["step"] == 2  # 8 of 32 images, 4 a step
+
+
+# ------------------------------------------------------------------------------------------------
+# The config switches the studies need
+
+
+def test_pretraining_sets_the_decoder_shape_and_the_mask_token_baseline():
+    cfg = PretrainConfig(model="mae_vit_debug", decoder_depth=3, decoder_embed_dim=24, decoder_num_heads=3)
+    model = build_pretrain_model(cfg)
+    assert len(model.decoder_blocks) == 3 and model.decoder_embed.out_features == 24
+    assert (
+        build_pretrain_model(PretrainConfig(model="mae_vit_debug")).config.decoder_depth == 1
+    )  # the model's
+    baseline = build_pretrain_model(PretrainConfig(model="mae_vit_debug", encoder_mask_tokens=True))
+    assert baseline.config.encoder_mask_tokens and hasattr(baseline, "encoder_mask_token")
+
+
+def test_augmentation_switches_none_and_colour_jitter():
+    images = SyntheticImages(4, 16, 3)
+    data = {"dataset": "synthetic", "synthetic_size": 4, "mean": (0.0,) * 3, "std": (1.0,) * 3}
+    plain = build_dataset(DataConfig(**data, random_crop=False, hflip=False), "train", 16, 3)
+    assert torch.allclose(plain[1][0], images[1][0], atol=1e-6)  # the image as it is: no crop, no flip
+    torch.manual_seed(0)
+    jittered = build_dataset(
+        DataConfig(**data, random_crop=False, hflip=False, color_jitter=0.4), "train", 16, 3
+    )
+    assert not torch.allclose(jittered[0][0], plain[0][0])
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        build_dataset(DataConfig(dataset="synthetic", color_jitter=0.4), "train", 16, 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,6 +263,8 @@ def test_an_interrupted_study_skips_finished_variants_and_resumes_the_stopped_on
     path, out = write_study(tmp_path), tmp_path / "out"
     assert main(["ablate", str(path), "--out", str(out), "--only", "0.5"]) == 0
     capsys.readouterr()
+    rows = json.loads((out / "tiny" / "summary.json").read_text())["rows"]
+    assert [r["metrics"]["linprobe"]["n"] for r in rows] == [1, 0]  # the report has every variant
     # SIGTERM during the second variant's pretraining, at step 5 (after the epoch-1 checkpoint).
     plan_step = Trainer.plan_time_budget
 

@@ -180,8 +180,9 @@ def ablate(
         return 0
     with _exclusive(out):
         outcome = run_jobs(jobs, parallel, threads, log)
+    every_job, every_run = plan(loaded, out) if only else (jobs, runs)  # reports show all that is done
     for study in loaded:
-        summary = write_report(study, runs, jobs, out)
+        summary = write_report(study, every_run, every_job, out)
         state = "complete" if summary["complete"] else "incomplete"
         log(f"{study.name}: {state}; {out / study.name / 'summary.md'}")
     for key, reason in outcome.failed.items():

@@ -292,8 +292,11 @@ def plot_study(study: Study, summary: dict, path: Path) -> Path:
         axis.set_xlabel(spec.get("x_label", ""))
         if not numeric:
             axis.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=25, ha="right")
-        elif spec.get("log_x"):
-            axis.set_xscale("log")
+        else:
+            if spec.get("log_x"):
+                axis.set_xscale("log")
+                axis.minorticks_off()
+            axis.set_xticks(sorted(set(positions)), [f"{x:g}" for x in sorted(set(positions))])
         if len(panel["series"]) > 1 or references:
             axis.legend(fontsize=7)
         axis.grid(alpha=0.3)
