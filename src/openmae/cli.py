@@ -236,6 +236,42 @@ def knn_command(argv: list[str]) -> int:
     return 0
 
 
+@command(
+    "ablate", "run ablation studies (the paper's Table 1, Figures 5, 6, 9): sweeps, seeds, tables, plots"
+)
+def ablate_command(argv: list[str]) -> int:
+    from openmae.recipes.ablate import ablate
+    from openmae.recipes.ablate_study import list_studies
+
+    parser = _parser(
+        "ablate", f"Run ablation studies (YAML files). Shipped studies: {', '.join(list_studies())}."
+    )
+    parser.add_argument("studies", nargs="+", metavar="STUDY", help="study YAML files or shipped study names")
+    parser.add_argument("--out", default="runs/ablations", help="folder for the runs and the reports")
+    parser.add_argument("--parallel", type=int, default=1, help="jobs at once, one process each")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per job (default: split)")
+    parser.add_argument(
+        "--only", nargs="+", default=None, metavar="VARIANT", help="run these variants (globs)"
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="replace every variant's seeds")
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", default=[], metavar="KEY=VALUE",
+        help="config keys over the study's: mask_ratio=0.5, linprobe.epochs=10, data.path=DIR (every run's)",
+    )  # fmt: skip
+    parser.add_argument("--dry-run", action="store_true", help="list the jobs and whether they are done")
+    args = parser.parse_args(argv)
+    return ablate(
+        args.studies,
+        args.out,
+        args.parallel,
+        args.threads,
+        args.only,
+        args.overrides,
+        args.seeds,
+        args.dry_run,
+    )
+
+
 @command("eval", "top-1 / top-5 of a classifier checkpoint on labelled images")
 def eval_command(argv: list[str]) -> int:
     from openmae.config import parse_config_cli

@@ -21,7 +21,7 @@ Modules: `yaml_io` (YAML 1.2 floats, read / save), `coerce` (a value against an 
 (nested dataclasses from updates), `cli` (argparse), `fields` (what they share).
 """
 
-from openmae.config.build import config_from_dict, load_config, parse_overrides
+from openmae.config.build import config_from_dict, load_config, merge_updates, nest_dotted, parse_overrides
 from openmae.config.cli import add_config_arguments, config_from_args, parse_config_cli
 from openmae.config.fields import ConfigError
 from openmae.config.yaml_io import config_to_dict, config_to_yaml, save_config
@@ -34,6 +34,8 @@ __all__ = [
     "config_to_dict",
     "config_to_yaml",
     "load_config",
+    "merge_updates",
+    "nest_dotted",
     "parse_config_cli",
     "parse_overrides",
     "save_config",

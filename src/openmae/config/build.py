@@ -107,6 +107,25 @@ def _construct(cls: type[T], kwargs: dict, prefix: str) -> T:
         raise ConfigError(f"invalid {where}: {message}") from error
 
 
+def nest_dotted(dotted: Mapping[str, Any]) -> dict:
+    """`{"data.path": x, "epochs": 2}` -> `{"data": {"path": x}, "epochs": 2}` (for `config_from_dict`)."""
+    updates: dict = {}
+    for key, value in dotted.items():
+        _set_dotted(updates, key, value)
+    return updates
+
+
+def merge_updates(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict:
+    """Nested updates `extra` laid over `base`: sections merge key by key, other values replace."""
+    merged = {key: dict(value) if isinstance(value, Mapping) else value for key, value in base.items()}
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_updates(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def _set_dotted(updates: dict, key: str, value: Any) -> None:
     """`updates[a][b][c] = value` for `key = "a.b.c"`, creating (or replacing non-mapping) sections."""
     *sections, leaf = key.split(".")

@@ -69,6 +69,13 @@ class DataConfig:
         default=(0.2, 1.0), metadata={"help": "RandomResizedCrop area range for training"}
     )
     hflip: bool = field(default=True, metadata={"help": "random horizontal flips for training"})
+    random_crop: bool = field(
+        default=True,
+        metadata={"help": "random-resized crops for training (false: a resize; Table 1e 'none')"},
+    )
+    color_jitter: float = field(
+        default=0.0, metadata={"help": "brightness / contrast / saturation jitter for training (0: off)"}
+    )
     fast_decode: bool = field(
         default=True,
         metadata={
@@ -143,6 +150,8 @@ class DataConfig:
             raise ValueError(f"data.epoch_images must be at least 1, got {self.epoch_images}")
         if self.views < 1:
             raise ValueError(f"data.views must be at least 1, got {self.views}")
+        if self.color_jitter < 0:
+            raise ValueError(f"data.color_jitter must be >= 0, got {self.color_jitter}")
 
     @property
     def streamed(self) -> bool:
@@ -319,10 +328,15 @@ def _train_transforms(
     """The pretraining transform, and the same augmentation fused with the JPEG decode of
     `decoder` (for RGB input with `fast_decode`: PIL, libjpeg-turbo or the GPU)."""
     mean, std = dataset_mean_std(cfg, in_chans)
-    transform = pretrain_transform(img_size, mean, std, cfg.crop_scale, cfg.hflip)
-    if not (cfg.fast_decode and channels in ("rgb", 3)):
+    if cfg.color_jitter and in_chans not in (1, 3):
+        raise ValueError(f"data.color_jitter works on 1 or 3 channels, not {in_chans}")
+    transform = pretrain_transform(
+        img_size, mean, std, cfg.crop_scale, cfg.hflip, cfg.random_crop, cfg.color_jitter
+    )
+    plain_crop = cfg.random_crop and not cfg.color_jitter  # what the fused JPEG decoders do
+    if not (cfg.fast_decode and channels in ("rgb", 3) and plain_crop):
         if cfg.decoder == "gpu":
-            raise ValueError("data.decoder=gpu needs RGB input and data.fast_decode=true")
+            raise ValueError("data.decoder=gpu needs RGB input, data.fast_decode=true and plain crops")
         return transform, None
     return transform, jpeg_pretrain_transform(cfg.decoder, img_size, mean, std, cfg.crop_scale, cfg.hflip)
 

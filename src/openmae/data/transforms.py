@@ -42,19 +42,27 @@ def pretrain_transform(
     std: tuple[float, ...],
     crop_scale: tuple[float, float] = (0.2, 1.0),
     hflip: bool = True,
+    random_crop: bool = True,
+    color_jitter: float = 0.0,
 ) -> v2.Compose:
     """Random resized crop (area share in `crop_scale`, aspect 3/4-4/3, bicubic, antialiased),
-    optional horizontal flip, then `(x - mean) / std` per channel. Output `[C, *img_size]`."""
-    steps = [
-        v2.RandomResizedCrop(
-            to_2tuple(img_size),
-            scale=tuple(crop_scale),
-            interpolation=InterpolationMode.BICUBIC,
-            antialias=True,
+    optional horizontal flip, then `(x - mean) / std` per channel. Output `[C, *img_size]`.
+
+    The paper's Table 1e variants: `random_crop=False` resizes instead (with `hflip=False`, no
+    augmentation at all); `color_jitter` adds brightness, contrast and saturation jitter of that
+    strength (1 or 3 channels; saturation changes nothing on gray images)."""
+    size = to_2tuple(img_size)
+    if random_crop:
+        crop = v2.RandomResizedCrop(
+            size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC, antialias=True
         )
-    ]
+    else:
+        crop = v2.Resize(size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+    steps = [crop]
     if hflip:
         steps.append(v2.RandomHorizontalFlip())
+    if color_jitter:
+        steps.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
     steps.append(v2.Normalize(list(mean), list(std)))
     return v2.Compose(steps)
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from openmae.checkpoint import read_metadata, read_weights, save_checkpoint
 from openmae.data import DataConfig, build_dataset, build_loader
 from openmae.data.probe import probe_images
+from openmae.data.subsets import balanced_subset
 from openmae.data.wrappers import UserImages, num_classes_of, random_subset
 from openmae.distributed import DistInfo, ShardedEvalSampler
 from openmae.engine.evaluate import classification_metrics
@@ -63,6 +64,10 @@ class ClassifyConfig(TrainConfig):
     train_images: int | None = field(
         default=None, metadata={"help": "train on a random subset of this many images (None: all)"}
     )
+    train_fraction: float | None = field(
+        default=None,
+        metadata={"help": "train on this share of every class's images (a balanced subset drawn from seed)"},
+    )
     val_images: int | None = field(
         default=None, metadata={"help": "validate on a random subset of this many images (None: all)"}
     )
@@ -77,6 +82,8 @@ class ClassifyConfig(TrainConfig):
         super().__post_init__()
         if self.eval_every < 1:
             raise ValueError("eval_every must be at least 1")
+        if self.train_fraction is not None and not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
 
 
 @dataclass
@@ -151,6 +158,8 @@ def labelled_data(
     if val_set is None:
         raise ValueError("validation images are needed (data.val_path for folders)")
     num_classes = cfg.num_classes or num_classes_of(train_set)
+    if cfg.train_fraction is not None:  # the labelled share, class-balanced, before any train_images cut
+        train_set = balanced_subset(train_set, cfg.train_fraction, seed=cfg.seed)
     data = LabelledData(
         random_subset(train_set, cfg.train_images, cfg.seed),
         random_subset(val_set, cfg.val_images, cfg.seed),

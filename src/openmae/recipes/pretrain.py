@@ -60,6 +60,17 @@ class PretrainConfig(TrainConfig):
     norm_pix_loss: bool | None = field(
         default=None, metadata={"help": "predict per-patch normalised pixels (None: the model's, true)"}
     )
+    decoder_embed_dim: int | None = field(
+        default=None, metadata={"help": "decoder width (None: the model's)"}
+    )
+    decoder_depth: int | None = field(default=None, metadata={"help": "decoder blocks (None: the model's)"})
+    decoder_num_heads: int | None = field(
+        default=None, metadata={"help": "decoder attention heads (None: the model's)"}
+    )
+    encoder_mask_tokens: bool | None = field(
+        default=None,
+        metadata={"help": "mask tokens in the encoder: the paper's Table 1c baseline (None: the model's)"},
+    )
     eval_images: int = field(default=512, metadata={"help": "held-out images for reconstruction error"})
     vis_every: int = field(
         default=5,
@@ -96,9 +107,20 @@ class PretrainResult:
 
 
 def build_pretrain_model(cfg: PretrainConfig) -> MaskedAutoencoder:
-    """The named model with the fields the config sets (None leaves the model's own)."""
-    fields = ("img_size", "in_chans", "mask_ratio", "mask_sampling", "norm_pix_loss")
-    return create_model(cfg.model, **{f: getattr(cfg, f) for f in fields if getattr(cfg, f) is not None})
+    """The named model with the fields the config sets."""
+    return create_model(cfg.model, **model_overrides(cfg))
+
+
+# The fields of PretrainConfig that are the model's (None leaves the named model's own value).
+MODEL_FIELDS = (
+    "img_size", "in_chans", "mask_ratio", "mask_sampling", "norm_pix_loss",
+    "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "encoder_mask_tokens",
+)  # fmt: skip
+
+
+def model_overrides(cfg: PretrainConfig) -> dict:
+    """The fields of the named model's config that `cfg` sets."""
+    return {name: getattr(cfg, name) for name in MODEL_FIELDS if getattr(cfg, name) is not None}
 
 
 class ReconstructionMonitor(Hook):
