@@ -81,6 +81,9 @@ class MapFeed:
             pin_memory=pin_memory,
             persistent_workers=num_workers > 0,
             worker_init_fn=ignore_sigterm,
+            # Its own generator for the workers' base seeds: starting an iterator (every epoch, and at
+            # a resume) then draws nothing from the global RNG that drop path draws from.
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def batches(self, epoch: int, start: int) -> Iterator[MicroBatch]:

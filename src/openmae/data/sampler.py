@@ -20,6 +20,7 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -96,19 +97,22 @@ class SeededSampler(Sampler):
 
 @contextmanager
 def seeded_rng(seed: int):
-    """Run a block with torch's (CPU) and Python's global RNGs seeded, restoring them afterwards.
+    """Run a block with torch's (CPU), Python's and NumPy's global RNGs seeded, restoring them afterwards
+    (torchvision's transforms draw from torch, timm's RandAugment from Python and NumPy).
 
     `torch.default_generator.manual_seed` rather than `torch.manual_seed`: the latter also seeds
     every accelerator and costs ~0.4 ms, which adds up at one call per image.
     """
-    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    torch_state, python_state, numpy_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     try:
         yield
     finally:
         torch.set_rng_state(torch_state)
         random.setstate(python_state)
+        np.random.set_state(numpy_state)
 
 
 class SeededDataset(Dataset):

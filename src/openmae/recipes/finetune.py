@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from timm.data import auto_augment as timm_auto_augment
 from timm.data import create_transform
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
@@ -145,7 +146,26 @@ def finetune_transform(cfg: FinetuneConfig, img_size, in_chans: int) -> v2.Compo
         mean=mean,
         std=std,
     )
+    keep_a_posterize_bit(timm_transform)
     return v2.Compose([v2.ToPILImage(), timm_transform])
+
+
+def keep_a_posterize_bit(transform: v2.Compose) -> None:
+    """Make RandAugment's posterize keep at least one bit.
+
+    The paper's policy (`...-inc1`) posterizes to `4 - magnitude * 4 / 10` bits, 0 at magnitude 10,
+    which `m9-mstd0.5` reaches often; Pillow (from 10) refuses 0 bits with a ValueError mid-run. One
+    bit leaves the image almost as black as 0 did in the Pillow the reference code used. Only this
+    transform's own ops are changed; timm is left as it is.
+    """
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize_at_least_one_bit
+
+
+def _posterize_at_least_one_bit(img, bits_to_keep, **kwargs):
+    return timm_auto_augment.posterize(img, max(1, bits_to_keep), **kwargs)
 
 
 __all__ = ["FinetuneConfig", "finetune"]
