@@ -34,7 +34,7 @@ from torchvision.transforms.v2 import functional as F
 from openmae.data.feed import MicroBatch, TrainFeed
 from openmae.data.folder import UnreadableImageWarning
 from openmae.data.images import UnreadableImageError, read_image
-from openmae.data.jpeg import Source, View, draw_views, open_image
+from openmae.data.jpeg import FusedJpegAugment, Source, View, draw_views, open_image
 from openmae.data.transforms import Size
 
 
@@ -47,7 +47,7 @@ class PendingJpeg(NamedTuple):
 
 
 @dataclass(frozen=True)
-class GpuJpegPlan:
+class GpuJpegPlan(FusedJpegAugment):
     """The workers' half: a JPEG's bytes and its views' draws (from its header), no pixels decoded.
 
     Fields as the other fused JPEG transforms; `mean` and `std` are applied by `GpuJpegDecoder`.
@@ -55,12 +55,6 @@ class GpuJpegPlan:
     Raises:
         UnreadableImageError: the header cannot be read.
     """
-
-    img_size: Size
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    hflip: bool = True
 
     def views(self, source: Source, seeds: Sequence[int] | None, name: str | None = None) -> PendingJpeg:
         where = name or ("<image bytes>" if isinstance(source, bytes) else str(source))

@@ -147,16 +147,9 @@ def normalize_uint8(image: torch.Tensor, mean: Sequence[float], std: Sequence[fl
 
 
 @dataclass(frozen=True)
-class JpegPretrainTransform:
-    """`pretrain_transform` applied while decoding a JPEG (file or bytes) -> normalised `[3, *img_size]`.
-
-    Same augmentation (RandomResizedCrop with area share in `crop_scale`, aspect 3/4-4/3, bicubic;
-    optional horizontal flip; `(x - mean) / std`), drawn from torch's global RNG, so a sample
-    seeded by `SeededDataset` gets the same crop and flip on every replay.
-
-    Raises:
-        UnreadableImageError: the file cannot be decoded.
-    """
+class FusedJpegAugment:
+    """The pretraining augmentation drawn while decoding a JPEG: what every decoder's transform
+    (PIL, libjpeg-turbo, GPU) takes. Subclasses give `views(source, seeds, name)`."""
 
     img_size: Size
     mean: tuple[float, ...]
@@ -167,6 +160,19 @@ class JpegPretrainTransform:
     def __call__(self, source: Source, name: str | None = None) -> torch.Tensor:
         """The crop of a JPEG file or of its bytes (`name`: where they come from, for messages)."""
         return self.views(source, None, name)[0]
+
+
+@dataclass(frozen=True)
+class JpegPretrainTransform(FusedJpegAugment):
+    """`pretrain_transform` applied while decoding a JPEG (file or bytes) -> normalised `[3, *img_size]`.
+
+    Same augmentation (RandomResizedCrop with area share in `crop_scale`, aspect 3/4-4/3, bicubic;
+    optional horizontal flip; `(x - mean) / std`), drawn from torch's global RNG, so a sample
+    seeded by `SeededDataset` gets the same crop and flip on every replay.
+
+    Raises:
+        UnreadableImageError: the file cannot be decoded.
+    """
 
     def views(self, source: Source, seeds: Sequence[int] | None, name: str | None = None) -> torch.Tensor:
         """`[k, 3, *img_size]`: one view per seed (see `draw_views`), all cut from one decode,

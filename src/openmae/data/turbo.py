@@ -23,7 +23,15 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from openmae import extras
-from openmae.data.jpeg import Box, JpegPretrainTransform, Source, draw_views, normalize_uint8, smallest_box
+from openmae.data.jpeg import (
+    Box,
+    FusedJpegAugment,
+    JpegPretrainTransform,
+    Source,
+    draw_views,
+    normalize_uint8,
+    smallest_box,
+)
 from openmae.data.transforms import Size
 
 
@@ -77,22 +85,13 @@ def _decoded_span(start: int, length: int, reduce: int, limit: int) -> slice:
 
 
 @dataclass(frozen=True)
-class TurboJpegPretrainTransform:
+class TurboJpegPretrainTransform(FusedJpegAugment):
     """`JpegPretrainTransform` with libjpeg-turbo decoding: a JPEG file or its bytes -> normalised
     `[3, *img_size]`, the same augmentation from the same random draws.
 
     Raises:
         UnreadableImageError: the JPEG cannot be decoded by libjpeg-turbo nor by PIL.
     """
-
-    img_size: Size
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    hflip: bool = True
-
-    def __call__(self, source: Source, name: str | None = None) -> torch.Tensor:
-        return self.views(source, None, name)[0]
 
     def views(self, source: Source, seeds: Sequence[int] | None, name: str | None = None) -> torch.Tensor:
         """`[k, 3, *img_size]`: one view per seed (see `draw_views`), all cut from one decode."""

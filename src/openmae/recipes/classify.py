@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from timm.layers import to_2tuple
 from torch.utils.data import DataLoader, Dataset
 
@@ -34,7 +35,7 @@ from openmae.distributed import DistInfo, ShardedEvalSampler
 from openmae.engine.evaluate import classification_metrics
 from openmae.engine.loop import Hook, Progress, Schedule, Task, TrainConfig, Trainer
 from openmae.engine.optim import OptimConfig
-from openmae.interop import load_state_into
+from openmae.interop import load_encoder, load_state_into
 from openmae.models.probe import LinearProbe
 from openmae.models.vit import GlobalPool, VisionTransformer
 from openmae.recipes.runs import LossCurve, checked, open_run, stop_signal
@@ -179,11 +180,15 @@ def val_loader(cfg: ClassifyConfig, val_set: Dataset) -> DataLoader:
     )
 
 
-def check_classify_run(cfg: ClassifyConfig, dist: DistInfo) -> None:
+def load_classify_encoder(cfg: ClassifyConfig, dist: DistInfo) -> VisionTransformer:
+    """The encoder a classifier is built on, on this rank's device, after the run's own checks; the
+    seed is set for the new head. Call inside `checked()`: errors are the input's."""
     if cfg.fsdp and dist.enabled:
         raise ValueError("linear probing and fine-tuning run with DDP; set fsdp=false")
     if cfg.data.views != 1 or cfg.data.decoder == "gpu":
         raise ValueError("data.views and data.decoder=gpu are pretraining options (mae pretrain)")
+    torch.manual_seed(cfg.seed)
+    return load_encoder(cfg.checkpoint, cfg.model, cfg.num_heads, cfg.img_size).to(dist.device)
 
 
 # ------------------------------------------------------------------------------------------------

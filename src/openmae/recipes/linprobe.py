@@ -19,15 +19,14 @@ from openmae.engine.classify import build_lars
 from openmae.engine.features import extract_features
 from openmae.engine.optim import OptimConfig, build_optimizer
 from openmae.engine.tasks import ClassifyTask
-from openmae.interop import load_encoder
 from openmae.models.vit import GlobalPool, VisionTransformer
 from openmae.recipes.classify import (
     ClassifyConfig,
     ClassifyResult,
     build_classifier,
-    check_classify_run,
     fit_classifier,
     labelled_data,
+    load_classify_encoder,
     val_loader,
 )
 from openmae.recipes.runs import checked, fitted_batch, join_run, resume_point
@@ -74,9 +73,7 @@ def linprobe(cfg: LinprobeConfig, dataset: Dataset | None = None) -> ClassifyRes
     """
     dist = join_run(cfg)
     with checked():
-        check_classify_run(cfg, dist)
-        torch.manual_seed(cfg.seed)
-        encoder = load_encoder(cfg.checkpoint, cfg.model, cfg.num_heads, cfg.img_size).to(dist.device)
+        encoder = load_classify_encoder(cfg, dist)
         img_size, in_chans = encoder.config.img_size, encoder.config.in_chans
         train_set = None
         if dataset is None:
