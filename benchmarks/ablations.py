@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from openmae.hardware import describe_cpu
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "ablations.md"
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     header = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{describe_cpu()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
         "started": time.strftime("%Y-%m-%d %H:%M"),
     }
