@@ -202,7 +202,7 @@ def test_the_default_linear_probe_learns_in_a_few_epochs_on_a_small_folder(tmp_p
             f"data.val_path={data / 'val'}", "data.num_workers=0", "epochs=5"]  # fmt: skip
     assert main([*args, f"output_dir={tmp_path / 'probe'}"]) == 0
     out = capsys.readouterr().out
-    assert "using batch_size 8" in out and "trains at 20,018 x the lr below" in out, out
+    assert "using batch_size 8" in out and "trains at 3,200 x the lr below" in out, out
     final = json.loads((tmp_path / "probe" / "results.json").read_text())["final"]
     assert final["top1"] >= 90, final  # two classes: chance is 50%
     # The paper's rule alone (0.1 x 8 / 256) on the same 5 epochs: the head hardly moves.
@@ -253,3 +253,31 @@ def test_a_stopped_finetune_resumes_exactly_with_every_augmentation_on(tmp_path,
         load_file(tmp_path / "full" / "model.safetensors"),
     )
     assert any(not torch.equal(average[k], weights[k]) for k in average)  # the comparison can fail
+
+
+@pytest.mark.parametrize("train_images", [600, 10_000, 60_000, 2_000_000])
+def test_no_lars_step_moves_the_probe_matrix_by_more_than_the_cap(train_images):
+    # Fashion-MNIST's 1% (600 images) at lr 2 once asked for steps of 4.3x the matrix's norm: NaN.
+    from openmae.engine.classify import build_lars
+    from openmae.recipes.linprobe import (
+        IMAGENET_TRAIN_IMAGES,
+        MAX_LARS_STEP,
+        LinprobeConfig,
+        lars_matrix_scale,
+    )
+
+    lr = 2.0
+    scale = lars_matrix_scale(LinprobeConfig(), train_images, lr)
+    uncapped = max(1.0, IMAGENET_TRAIN_IMAGES / train_images)
+    assert 1.0 <= scale <= uncapped
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 10)
+    optimizer = build_lars(head, lr, matrix_lr_scale=scale)
+    before = head.weight.detach().clone()
+    torch.nn.functional.cross_entropy(head(torch.randn(32, 64)), torch.randint(0, 10, (32,))).backward()
+    optimizer.step()
+    moved = (head.weight.detach() - before).norm() / before.norm()
+    assert moved == pytest.approx(lr * scale * 1e-3, rel=1e-4)  # a trust-ratio step: lr x 0.001 of the norm
+    assert moved <= MAX_LARS_STEP * (1 + 1e-4)
+    if train_images == 2_000_000:
+        assert scale == 1.0  # more images than ImageNet: the paper's rule as it is

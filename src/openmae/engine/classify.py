@@ -34,6 +34,10 @@ def build_criterion(mixup: Mixup | None, smoothing: float) -> nn.Module:
 # Linear probing (the probe model is `openmae.models.probe.LinearProbe`)
 
 
+# A LARS step moves a matrix by lr x this share of its norm (timm's default, the paper's recipe).
+LARS_TRUST_COEFF = 1e-3
+
+
 def build_lars(
     model: nn.Module,
     lr: float,
@@ -63,7 +67,7 @@ def build_lars(
     groups = [g for g in groups if g["params"]]
     for group in groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    return Lars(groups, lr=lr, momentum=momentum)
+    return Lars(groups, lr=lr, momentum=momentum, trust_coeff=LARS_TRUST_COEFF)
 
 
 # ------------------------------------------------------------------------------------------------

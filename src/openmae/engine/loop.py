@@ -13,6 +13,10 @@ Scale-out is PyTorch's own: DDP (`no_sync` on non-final micro-steps) or FSDP2 (`
 torchrun. The host never waits for the device inside a step: non-finite losses are flagged on the
 device (a fused AdamW skips the update there) and read at log intervals, and stop requests (SIGTERM,
 Ctrl-C) are polled every few steps. See docs/distributed.md.
+
+The file is a little over 400 lines on purpose: the phases stay together so that what happens in a
+step reads top to bottom; planning (`plan`), time budgets (`budget`), checkpoints (`checkpointing`)
+and metric tallies (`tallies`) have their own modules.
 """
 
 from __future__ import annotations

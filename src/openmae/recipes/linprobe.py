@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from openmae.data import build_dataset, build_loader
 from openmae.data.wrappers import Features
 from openmae.distributed import ShardedEvalSampler, all_gather_cat
-from openmae.engine.classify import build_lars
+from openmae.engine.classify import LARS_TRUST_COEFF, build_lars
 from openmae.engine.features import extract_features
 from openmae.engine.optim import OptimConfig, build_optimizer
 from openmae.engine.tasks import ClassifyTask
@@ -33,6 +33,9 @@ from openmae.recipes.runs import checked, fitted_batch, join_run, resume_point
 
 # ImageNet-1k's training images: the dataset the paper's linear-probe lr was set for.
 IMAGENET_TRAIN_IMAGES = 1_281_167
+# The largest share of its norm one step may move the probe's matrix by (the paper's step, at batch
+# 16384 and lr 6.4, is 0.0064): a larger factor on small data makes the probe diverge or thrash.
+MAX_LARS_STEP = 0.01
 
 
 @dataclass
@@ -92,12 +95,14 @@ def linprobe(cfg: LinprobeConfig, dataset: Dataset | None = None) -> ClassifyRes
         # The encoder is frozen and the images fixed: encode them once, train the head on the features.
         train_data, validation = cache_features(model, train_data, validation, cfg, dist.device)
         num_workers = 0
-    matrix_scale = lars_matrix_scale(cfg, len(data.train_set))
+    peak_lr = cfg.optim.peak_lr(cfg.batch_size * cfg.accum_iter * dist.world_size)[0]
+    matrix_scale = lars_matrix_scale(cfg, len(data.train_set), peak_lr)
     if matrix_scale != 1.0 and dist.is_main:
         print(
             f"linprobe: LARS: the head's weight matrix trains at {matrix_scale:,.0f} x the lr below "
             f"({cfg.lars_reference_images:,} ImageNet images / {len(data.train_set):,} training images: "
-            "an epoch moves it as far as one of the paper's; lars_reference_images=0 turns it off)",
+            f"an epoch moves it as far as one of the paper's, {MAX_LARS_STEP:.0%} of its norm a step at "
+            "most; lars_reference_images=0 turns it off)",
             flush=True,
         )
     return fit_classifier(
@@ -114,9 +119,10 @@ def linprobe(cfg: LinprobeConfig, dataset: Dataset | None = None) -> ClassifyRes
     )
 
 
-def lars_matrix_scale(cfg: LinprobeConfig, train_images: int) -> float:
+def lars_matrix_scale(cfg: LinprobeConfig, train_images: int, peak_lr: float) -> float:
     """The factor on the lr of LARS' trust-ratio steps (the head's weight matrix) for a training set
-    smaller than ImageNet-1k: ImageNet's size over the dataset's (1 when off, or for larger sets).
+    smaller than ImageNet-1k: ImageNet's size over the dataset's (1 when off, or for larger sets),
+    capped so that no step moves the matrix by more than `MAX_LARS_STEP` of its norm.
 
     A trust-ratio step moves the matrix by a fixed share of its norm (lr x trust coefficient), so the
     batch rule (lr proportional to the batch, steps per epoch inversely so) moves it by the same
@@ -124,11 +130,14 @@ def lars_matrix_scale(cfg: LinprobeConfig, train_images: int) -> float:
     0.1 x batch / 256 on 48 images moves the head 26,690 times less per epoch than on ImageNet, and a
     30-epoch probe stayed below chance. The factor gives each epoch the paper's movement. The bias
     keeps the rule's lr: its plain steps do not shrink with the dataset, and 26,690 times larger
-    they throw the logits around by tens a step.
+    they throw the logits around by tens a step. The cap matters on the smallest sets: 600 images
+    (Fashion-MNIST's 1%) at lr 2 asked for steps of 4.3x the matrix's norm, and the probe diverged
+    to NaN; such a set then needs more epochs, not larger steps.
     """
     if cfg.optim.name != "lars" or cfg.lars_reference_images <= 0 or cfg.optim.lr is not None:
         return 1.0
-    return max(1.0, cfg.lars_reference_images / train_images)
+    largest = MAX_LARS_STEP / (peak_lr * LARS_TRUST_COEFF)
+    return max(1.0, min(cfg.lars_reference_images / train_images, largest))
 
 
 def probe_optimizer(
