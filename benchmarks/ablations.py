@@ -97,6 +97,9 @@ shared it: ~half an idle core each):
   (half of the features it extracts are the 10k test images'). k-NN: a bank of 10k. Fine-tuning: 3
   epochs on 5k images, batch 128 (117 steps), the recipe of fashion_mnist.md; batch 64 (234 steps)
   did worse for the pretrained encoder (52.7%) and better from scratch (50.2%).
+- The probe's LARS factor (ImageNet's size / the labelled images) is capped so that a step moves
+  the head by at most 1% of its norm: uncapped, the 1% and 10% subsets diverged to NaN in the first
+  run of the labels-scarce study, and the trial runs above (10k images) had steps 5x larger.
 - Labels scarce: the fine-tunings see about 15-18k labelled images for 1% (30 epochs of 600) and
   10% (3 of 6000), and one epoch (60k) for 100%; the probe uses all the labelled images.
 - Two seeds for every point (a seed also draws the subsets); a finding counts when a difference
