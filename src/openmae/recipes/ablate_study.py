@@ -38,6 +38,7 @@ from typing import Any
 import yaml
 
 from openmae.config import merge_updates, nest_dotted, parse_overrides
+from openmae.configs import find_yaml
 from openmae.errors import UsageError
 from openmae.recipes.finetune import FinetuneConfig
 from openmae.recipes.knn import KnnConfig
@@ -107,14 +108,7 @@ class Study:
 
 def find_study(name_or_path: str | Path) -> Path:
     """A study file as given if it exists, else the shipped study of that name."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = STUDY_DIR / f"{path.name.removesuffix('.yaml')}.yaml"
-    if shipped.is_file():
-        return shipped
-    names = ", ".join(list_studies())
-    raise UsageError(f"study {str(name_or_path)!r} not found (a YAML file, or a shipped study: {names})")
+    return find_yaml(name_or_path, STUDY_DIR, "study", list_studies)
 
 
 def list_studies() -> list[str]:
