@@ -75,6 +75,9 @@ PROBE = [*CLASSIFY, "epochs=2", "log_every=1", "optim.warmup_epochs=0.5", "eval_
 # fp32 sums in another order (two half batches, one thread each) move weights by ~1e-6; one step
 # moves them by ~1e-4 (the lr), so the tolerance still tells one step from another.
 ATOL = 2e-5
+# Four more Adam steps from a 2-process checkpoint carry that rounding difference on and can grow it
+# (2.3e-5 measured on an AMX Xeon, under 2e-5 on an AMD EPYC): still under the four steps' own 2e-4.
+ATOL_FOUR_STEPS_ON = 5e-5
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,7 +402,7 @@ def test_ddp_matches_one_process_and_its_checkpoint_resumes_in_one_process(tmp_p
     full = single["full"]
     two, one = load_file(checkpoint(ddp, 4)), load_file(checkpoint(full.output_dir, 4))
     assert (difference := max_difference(two, one)) < ATOL, difference
-    assert max_difference(two, load_file(full.weights)) > 10 * ATOL  # the tolerance can fail
+    assert max_difference(two, load_file(full.weights)) > 4 * ATOL_FOUR_STEPS_ON  # the tolerances can fail
     # The k-NN monitor, sharded over the ranks, logged what one process measures on those weights.
     logged = [json.loads(line) for line in (ddp / "metrics.jsonl").read_text().splitlines()]
     logged = next(r for r in logged if "knn_top1" in r)
@@ -412,7 +415,7 @@ def test_ddp_matches_one_process_and_its_checkpoint_resumes_in_one_process(tmp_p
     resumed = run_single(ddp, "batch_size=8", "resume=auto")
     assert resumed.progress.step == 8
     difference = max_difference(load_file(resumed.weights), load_file(full.weights))
-    assert difference < ATOL, difference
+    assert difference < ATOL_FOUR_STEPS_ON, difference
     # The evaluation helpers, on the same process group: every sample counted once, rows kept whole.
     results = [json.loads(path.read_text()) for path in sorted(ddp.glob("collectives-rank*.json"))]
     assert sorted(r["rank"] for r in results) == [0, 1]
