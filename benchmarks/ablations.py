@@ -6,9 +6,11 @@ Run:      python benchmarks/ablations.py                   (every piece, one aft
           python benchmarks/ablations.py --dry-run         (the jobs of each piece, and which are done)
           python benchmarks/ablations.py --calibrate       (~10 min: measure, predict each piece's time)
 Hardware: sized for 2 idle CPU cores and no GPU: `mae ablate --parallel 2`, one thread per job.
-Writes:   benchmarks/results/ablations.md (rewritten after every piece), the plots next to it in
-          benchmarks/results/ablations/; the runs go to --out (default /tmp/openmae-ablations).
-          --quick writes its table into its own --out folder instead.
+Writes:   benchmarks/results/ablations/: per study its section (STUDY.md), summary (STUDY.json) and
+          plots, and pieces.json (wall time and machine of each piece); a piece rewrites only its
+          own studies' files. benchmarks/results/ablations.md is assembled from them after every
+          piece. The runs go to --out (default /tmp/openmae-ablations). --quick writes its
+          table and sections into its own --out folder instead.
 Resumes:  run the same command again: finished jobs are kept, a stopped pretraining or classifier
           continues from its checkpoint. Pieces share jobs (the default pretraining runs once, in
           the first piece that needs it), so run them into the same --out folder.
@@ -35,6 +37,8 @@ from openmae.hardware import describe_cpu
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "ablations.md"
 SIZING = ROOT / "benchmarks" / "results" / "ablations_sizing.md"
+DEFAULT_OUT = Path("/tmp/openmae-ablations")
+STORE = ROOT / "benchmarks" / "results" / "ablations"  # per study its section, summary and plots
 
 
 @dataclass(frozen=True)
@@ -127,65 +131,86 @@ def run_piece(name: str, out: Path, parallel: int, overrides: list[str], dry_run
     from openmae.recipes.ablate import ablate
 
     piece = PIECES[name]
-    print(
-        f"[{time.strftime('%H:%M:%S')}] piece {name}: {command_line(piece, out, parallel, overrides)}",
-        flush=True,
-    )
+    command = command_line(piece, out, parallel, overrides)
+    print(f"[{time.strftime('%H:%M:%S')}] piece {name}: {command}", flush=True)
     started = time.perf_counter()
     only = list(piece.only) or None
     code = ablate(
         list(piece.studies), out, parallel=parallel, only=only, overrides=overrides, dry_run=dry_run
     )
-    return {"code": code, "seconds": time.perf_counter() - started}
+    return {"code": code, "seconds": time.perf_counter() - started, "command": command}
 
 
-def record(out: Path, name: str, outcome: dict) -> dict:
-    """Add a run of a piece to `out/pieces.json` (wall times add up over resumed runs)."""
-    path = out / "pieces.json"
-    pieces = json.loads(path.read_text()) if path.exists() else {}
-    entry = pieces.setdefault(name, {"seconds": 0.0, "runs": 0})
-    entry["seconds"] += outcome["seconds"]
-    entry["runs"] += 1
-    entry["code"] = outcome["code"]
+def record(out: Path, store: Path, name: str, outcome: dict, machine: str) -> None:
+    """Add a run of a piece to `out/pieces.json` (wall times add up over resumed runs into the same
+    folder) and copy its total into `store/pieces.json`, which keeps the pieces of other runs."""
+    entry = update_json(out / "pieces.json", name, lambda e: {
+        "seconds": e.get("seconds", 0.0) + outcome["seconds"], "runs": e.get("runs", 0) + 1,
+        "code": outcome["code"], "command": outcome["command"], "machine": machine,
+        "date": time.strftime("%Y-%m-%d"),
+    })  # fmt: skip
+    update_json(store / "pieces.json", name, lambda _: entry)
+
+
+def update_json(path: Path, key: str, change) -> dict:
+    """`data[key] = change(data.get(key, {}))` in the JSON file at `path`; returns the new entry."""
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = change(data.get(key, {}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(pieces, indent=2))
-    return pieces
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return data[key]
 
 
-def write_results(path: Path, out: Path, parallel: int, overrides: list[str], header: dict) -> None:
-    """The results file: per study its table, plot and verdicts; per piece its command and wall time."""
+def store_studies(out: Path, store: Path) -> None:
+    """Copy the summary of every study run into `out` to `store/STUDY.json` and its section to
+    `store/STUDY.md` (plots beside them): a study run elsewhere keeps its stored section."""
     from openmae.recipes.ablate_report import markdown
 
-    pieces = json.loads((out / "pieces.json").read_text()) if (out / "pieces.json").exists() else {}
-    figures = path.parent / "ablations"
-    lines = [
-        "# The paper's ablations on Fashion-MNIST (2-core CPU)",
-        "",
-        f"Written by `python benchmarks/ablations.py{' --quick' if overrides else ''}`; machine: "
-        f"{header['machine']}; torch {header['torch']}; started {header['started']}.",
-        "Top-1 accuracy on the 10,000 test images (final weights), mean ± standard deviation over seeds "
-        "(each seed also draws its own subsets); every seed is a dot in the plots.",
-        "",
-        "| piece | studies | command | wall time |",
-        "|---|---|---|---|",
-    ]
-    for name, piece in PIECES.items():
-        entry = pieces.get(name)
-        wall = f"{entry['seconds'] / 60:.1f} min" if entry else "not run"
-        command = command_line(piece, out, parallel, overrides)
-        lines.append(f"| {name} | {', '.join(piece.studies)} | `{command}` | {wall} |")
-    for study in dict.fromkeys(s for piece in PIECES.values() for s in piece.studies):
+    for study in studies_in_order():
         summary_path = out / study / "summary.json"
         if not summary_path.exists():
             continue
         summary = json.loads(summary_path.read_text())
         for key in ("plot", "pictures"):
             if summary.get(key):
-                target = figures / f"{study}-{summary[key]}"
-                target.parent.mkdir(parents=True, exist_ok=True)
+                target = store / f"{study}-{summary[key]}"
+                store.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(out / study / summary[key], target)
-                summary[key] = f"{figures.name}/{target.name}"
-        lines += ["", markdown(summary, heading="##").rstrip()]
+                summary[key] = f"{store.name}/{target.name}"
+        (store / f"{study}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (store / f"{study}.md").write_text(markdown(summary, heading="##"))
+
+
+def studies_in_order() -> list[str]:
+    return list(dict.fromkeys(s for piece in PIECES.values() for s in piece.studies))
+
+
+def write_results(path: Path, store: Path, parallel: int, overrides: list[str]) -> None:
+    """The results file from the store: per piece its command, wall time and machine; per study its
+    table, plot and verdicts; then how the budget was chosen and the predicted times."""
+    path_of_pieces = store / "pieces.json"
+    pieces = json.loads(path_of_pieces.read_text()) if path_of_pieces.exists() else {}
+    lines = [
+        "# The paper's ablations on Fashion-MNIST (2-core CPU)",
+        "",
+        f"Written by `python benchmarks/ablations.py{' --quick' if overrides else ''}` from the sections "
+        f"in `{store.name}/` (each piece rewrites its studies'; the others are kept).",
+        "Top-1 accuracy on the 10,000 test images (final weights), mean ± standard deviation over seeds "
+        "(each seed also draws its own subsets); every seed is a dot in the plots.",
+        "",
+        "| piece | studies | command | wall time | run on |",
+        "|---|---|---|---|---|",
+    ]
+    for name, piece in PIECES.items():
+        entry = pieces.get(name)
+        wall = f"{entry['seconds'] / 60:.1f} min" if entry else "not run"
+        where = f"{entry['machine']}, {entry['date']}" if entry else ""
+        command = entry["command"] if entry else command_line(piece, DEFAULT_OUT, parallel, overrides)
+        lines.append(f"| {name} | {', '.join(piece.studies)} | `{command}` | {wall} | {where} |")
+    for study in studies_in_order():
+        section = store / f"{study}.md"
+        if section.exists():
+            lines += ["", section.read_text().rstrip()]
     lines += ["", NOTES.rstrip()]
     if SIZING.exists():  # the prediction `--calibrate` wrote, one level down
         lines += ["", SIZING.read_text().replace("# ", "## ", 1).rstrip()]
@@ -223,24 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.calibrate:
         return calibrate(Path(args.out or "/tmp/openmae-ablations-calibration"), args.parallel)
-    out = Path(args.out or f"/tmp/openmae-ablations{'-quick' if args.quick else ''}")
+    out = Path(args.out or f"{DEFAULT_OUT}{'-quick' if args.quick else ''}")
     overrides = QUICK if args.quick else []
     results = out / "ablations_quick.md" if args.quick else RESULTS
+    store = out / "ablations" if args.quick else STORE
     import torch
 
-    header = {
-        "machine": f"{describe_cpu()}, {os.cpu_count()} cores",
-        "torch": torch.__version__,
-        "started": time.strftime("%Y-%m-%d %H:%M"),
-    }
+    machine = f"{describe_cpu()}, {os.cpu_count()} cores, torch {torch.__version__}"
     worst = 0
     for name in args.pieces:
         outcome = run_piece(name, out, args.parallel, overrides, args.dry_run)
         worst = max(worst, outcome["code"])
         if args.dry_run:
             continue
-        record(out, name, outcome)
-        write_results(results, out, args.parallel, overrides, header)
+        record(out, store, name, outcome, machine)
+        store_studies(out, store)
+        write_results(results, store, args.parallel, overrides)
         if outcome["code"] == 3:  # stopped by a signal: the same command continues
             break
     if not args.dry_run:
