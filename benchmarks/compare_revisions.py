@@ -6,7 +6,8 @@ Each revision is checked out into a temporary git worktree and imported from the
 process of its own (one per revision and configuration, so each has its own memory and caches); the
 parent interleaves their repeats, so that a drift in the machine's speed is shared out. What is timed
 is the revision's own benchmark engine for openmae (its training step: forward, backward, optimizer),
-on the same model, batch, images and masks. Writes a markdown table to `--out`.
+on the same model, batch, images and masks. Writes its table as this CPU's section of `--out`
+(a rerun on the same kind of CPU replaces that section; the other CPUs' sections stay).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TITLE = "# openmae's training step at two revisions"
 CONFIGS = {"tiny": ("mae_vit_tiny_patch4_32", 128, 5), "base": ("mae_vit_base_patch16", 8, 2)}
 
 
@@ -113,15 +115,18 @@ def main() -> int:
 
 
 def write(rows, args) -> None:
+    """The run's table as the section of this CPU in `--out`: a rerun on the same kind of CPU replaces
+    its section, another CPU's sections stay."""
     from openmae import hardware  # the checkout this script runs from names the machine
 
     a, b = args.revisions
+    cpu = hardware.describe_cpu()
     lines = [
-        "# openmae's training step at two revisions",
+        f"## {cpu}, {time.strftime('%Y-%m-%d %H:%M')}",
         "",
         f"Command: `python benchmarks/compare_revisions.py {a} {b} --configs {' '.join(args.configs)} "
         f"--precisions {' '.join(args.precisions)}`; {args.threads} threads, {args.repeats} interleaved "
-        f"repeats, median images/s; {hardware.describe_cpu()}; {time.strftime('%Y-%m-%d %H:%M')}.",
+        "repeats, median images/s.",
         "",
         f"| config | precision | {a} | {b} | {b} / {a} |",
         "|---|---|---|---|---|",
@@ -129,9 +134,12 @@ def write(rows, args) -> None:
     for label, model, batch, precision, (before, after) in rows:
         lines.append(f"| {label} (`{model}`, batch {batch}) | {precision} | {before:.3g} | {after:.3g} | "
                      f"{after / before:.2f}x |")  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    out = Path(args.out)
+    sections = out.read_text().split("\n## ") if out.exists() else [TITLE]
+    kept = [sections[0].rstrip()] + [f"## {s.rstrip()}" for s in sections[1:] if not s.startswith(cpu)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join([*kept, "\n".join(lines)]) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
