@@ -166,6 +166,7 @@ def store_studies(out: Path, store: Path) -> None:
     `store/STUDY.md` (plots beside them): a study run elsewhere keeps its stored section."""
     from openmae.recipes.ablate_report import markdown
 
+    store.mkdir(parents=True, exist_ok=True)
     for study in studies_in_order():
         summary_path = out / study / "summary.json"
         if not summary_path.exists():
@@ -174,7 +175,6 @@ def store_studies(out: Path, store: Path) -> None:
         for key in ("plot", "pictures"):
             if summary.get(key):
                 target = store / f"{study}-{summary[key]}"
-                store.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(out / study / summary[key], target)
                 summary[key] = f"{store.name}/{target.name}"
         (store / f"{study}.json").write_text(json.dumps(summary, indent=2) + "\n")
