@@ -8,6 +8,7 @@ not a copied name), so that a test can force either answer on any machine with
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 from functools import cache
@@ -86,3 +87,17 @@ def synchronize() -> None:
     """Wait for queued GPU work (a no-op on the CPU), so a timer reads the work's real end."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+@cache
+def glibc_mallopt():
+    """glibc's `mallopt` (Linux with glibc: the C allocator CPU tensors come from), or None
+    (macOS, Windows, musl)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt

@@ -1,10 +1,12 @@
-"""Opt-in speed: faster attention kernels and bf16 GEMM paths, chosen by measuring them here.
+"""Opt-in speed: faster attention kernels and bf16 GEMM paths, chosen by measuring them here,
+and a C allocator that keeps a CPU step's memory for the next.
 
 The model code (`openmae.models`) is plain PyTorch: attention is `scaled_dot_product_attention`,
 matrix products are whatever autocast runs. `Acceleration`, which the training loop builds for its
 device and precision, swaps in what measures faster on this machine for the shapes the run meets
 (`attention`, `gemm`, timed by `tuner`), and every path is tested against the plain one. A config
 section (`accel.attention`, `accel.gemm`) forces any one path; `sdpa` + `native` is the plain model.
+On a CPU it also sets the process's C allocator to reuse freed memory (`allocator`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from openmae.accel.allocator import ALLOCATOR_CHOICES, retain_freed_memory
 from openmae.accel.attention import ATTENTION_PATHS, TunedAttention
 from openmae.accel.gemm import GEMM_PATHS, Bf16Gemm, Census, dispatch_overhead_s
 from openmae.accel.tuner import Autotuner, default_cache_file
@@ -36,6 +39,13 @@ class AccelConfig:
         default="auto",
         metadata={"help": "bf16 matrix products on the CPU: auto (measured per shape) | native | fp32"},
     )
+    allocator: str = field(
+        default="auto",
+        metadata={
+            "help": "C allocator on a CPU: auto (keep freed memory for the next step, where glibc "
+            "allows) | retain (required) | system (leave it as it is)"
+        },
+    )
     cache: bool = field(
         default=True,
         metadata={"help": "remember measured choices for this machine in $OPENMAE_CACHE_DIR/autotune.json"},
@@ -48,6 +58,10 @@ class AccelConfig:
             )
         if self.gemm not in GEMM_PATHS:
             raise ValueError(f"accel.gemm must be one of {', '.join(GEMM_PATHS)}; got {self.gemm!r}")
+        if self.allocator not in ALLOCATOR_CHOICES:
+            raise ValueError(
+                f"accel.allocator must be one of {', '.join(ALLOCATOR_CHOICES)}; got {self.allocator!r}"
+            )
 
 
 class Acceleration:
@@ -77,6 +91,9 @@ class Acceleration:
         self.gemm_mode = "on" if cfg.gemm == "fp32" else None
         self.steps = 0
         self.pending: list[str] = []
+        allocator = retain_freed_memory(cfg.allocator, self.device.type)
+        if allocator is not None:
+            self.pending.append(allocator)
 
     def install(self, model: nn.Module) -> int:
         """Set the tuned kernel on every openmae `Attention` of `model`; returns how many."""

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from openmae.accel import AccelConfig
+from openmae.accel import AccelConfig, allocator
 from openmae.distributed import DistInfo
 from openmae.engine.loop import Schedule, TrainConfig, Trainer
 from openmae.engine.optim import OptimConfig, build_optimizer
@@ -57,7 +57,8 @@ class EngineSpec:
     about: str = ""
 
 
-_STOCK = AccelConfig(attention="sdpa", gemm="native", cache=False)  # the plain model: no openmae paths
+# The plain model: no openmae paths, the C allocator as the process found it.
+_STOCK = AccelConfig(attention="sdpa", gemm="native", allocator="system", cache=False)
 ENGINES: dict[str, EngineSpec] = {
     spec.name: spec
     for spec in (
@@ -215,8 +216,11 @@ class BenchEngine:
         return loss
 
     def paths(self) -> dict[str, str]:
-        """The execution paths the engine's loop chose (its autotuner's choices)."""
-        return self.trainer.accel.state_dict()
+        """The execution paths the engine's loop chose (its autotuner's choices, the C allocator)."""
+        paths = self.trainer.accel.state_dict()
+        if self.device.type == "cpu":
+            paths["cpu allocator"] = "retain freed memory" if allocator.retaining() else "system"
+        return paths
 
 
 def step_flops(config: MAEConfig, mask_tokens: bool = False) -> int:
