@@ -11,9 +11,10 @@ trimming off, freed blocks stay in the heap and the next step reuses them: no fa
 speed in every process. The cost: the process keeps its peak heap until it exits (as PyTorch's
 CUDA caching allocator does on a GPU).
 
-It is a setting of the whole process and cannot be undone, so it is opt-out: `accel.allocator`
-= `auto` (on for training on a CPU, where glibc is the allocator) | `retain` (required: an error
-where it is not available) | `system` (leave the C allocator as it is).
+It is a setting of the whole process, set once and never undone. The loop applies it where it
+helps, and a config switch turns it off: `accel.allocator` = `auto` (on for training on a CPU where
+glibc is the allocator) | `retain` (required: an error where it is not available) | `system` (leave
+the C allocator as it is; the benchmark's stock HF peers run so, as an HF user's loop would).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def retain_freed_memory(choice: str, device_type: str) -> str | None:
         return None
     if _retained:
         return None
-    # -1 disables trimming (mallopt(3)); 0 mmaps: large blocks come from the heap and go back to it.
+    # Trim threshold -1 turns trimming off (mallopt(3)); at most 0 mmaps: every block comes from the
+    # heap and goes back to it when freed.
     if not (mallopt(M_TRIM_THRESHOLD, -1) and mallopt(M_MMAP_MAX, 0)):
         raise RuntimeError("glibc's mallopt refused the allocator settings")
     _retained = True
