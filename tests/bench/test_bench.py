@@ -58,8 +58,9 @@ def test_mask_token_baseline_shares_the_encoder_and_decoder():
 
 def test_engine_names_and_forced_paths():
     names = ["openmae", "hf_eager", "hf_eager_accel", "openmae@attention=per_head,gemm=fp32", "openmae"]
-    assert [s.name for s in engines_for(names, "fp32")] == names[:1] + names[1:2] + names[3:4]
-    assert [s.name for s in engines_for(names, "bf16")] == names[:4]  # the GEMM variant counts in bf16
+    assert [s.name for s in engines_for(names, "fp32", "cuda")] == names[:2] + names[3:4]
+    assert [s.name for s in engines_for(names, "bf16", "cuda")] == names[:4]  # the GEMM path counts
+    assert [s.name for s in engines_for(names, "fp32", "cpu")] == names[:4]  # so does the allocator
     forced = engine_spec("openmae@attention=per_head,gemm=fp32")
     assert (
         forced.accel.attention == "per_head" and forced.accel.gemm == "fp32" and forced.library == "openmae"
@@ -144,8 +145,8 @@ def test_bench_runs_end_to_end(tmp_path, bf16_units):
     machine = records[0]
     assert machine["kind"] == "machine" and machine["threads"] == torch.get_num_threads()
     steps = [r for r in records if r["kind"] == "step"]
-    both = ("openmae", "mask_tokens", "hf_eager", "openmae@attention=eager")
-    expected = {(p, e) for p in ("fp32", "bf16") for e in both} | {("bf16", "hf_eager_accel")}
+    both = ("openmae", "mask_tokens", "hf_eager", "hf_eager_accel", "openmae@attention=eager")
+    expected = {(p, e) for p in ("fp32", "bf16") for e in both}  # on a CPU the allocator counts in fp32
     assert {(r["precision"], r["engine"]) for r in steps} == expected
     assert machine["cpu_native_bf16"] is bf16_units  # the header says what the CPU has
     ours = [r for r in steps if r["engine"] == "openmae"]
@@ -162,6 +163,7 @@ def test_bench_runs_end_to_end(tmp_path, bf16_units):
         "threads",
         "transformers",
         "| hf_eager |",
+        "fp32: same, HF given openmae's accel (model code alone)",
         "## Where the time goes",
         "## Execution paths chosen by measurement",
     ):

@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--in-process",
         action="store_true",
-        help="run engines in this process (faster start; no per-engine memory)",
+        help="run engines in this process (faster start; no per-engine memory; the C allocator, "
+        "once openmae retains freed memory, is shared by every engine)",
     )
     parser.add_argument(
         "--peak-size",

@@ -69,17 +69,26 @@ ENGINES: dict[str, EngineSpec] = {
         ),
         EngineSpec("hf_sdpa", "hf", attn="sdpa", accel=_STOCK, about="HF ViTMAE, SDPA attention, autocast"),
         EngineSpec(
-            "hf_eager_accel", "hf", attn="eager", about="HF eager + openmae's measured bf16 GEMM path"
+            "hf_eager_accel",
+            "hf",
+            attn="eager",
+            about="HF eager + openmae's accel (CPU allocator, measured bf16 GEMM path)",
         ),
-        EngineSpec("hf_sdpa_accel", "hf", attn="sdpa", about="HF SDPA + openmae's measured bf16 GEMM path"),
+        EngineSpec(
+            "hf_sdpa_accel",
+            "hf",
+            attn="sdpa",
+            about="HF SDPA + openmae's accel (CPU allocator, measured bf16 GEMM path)",
+        ),
         EngineSpec("openmae_plain", "openmae", accel=_STOCK, about="openmae's plain model: SDPA, autocast"),
         EngineSpec("openmae_compile", "openmae", compile=True, about="openmae + torch.compile (inductor)"),
     )
 }
 HF_STOCK = ("hf_eager", "hf_sdpa")  # what an HF user gets: the bar for the targets
 DEFAULT_PEERS = ("mask_tokens", "hf_eager", "hf_sdpa", "hf_eager_accel", "hf_sdpa_accel")
-# Engines that differ from their twin only in a bf16 path: nothing to time in fp32.
-BF16_ONLY = ("hf_eager_accel", "hf_sdpa_accel")
+# Engines that differ from their stock twin in a bf16 path, and on a CPU in the allocator: on a GPU
+# there is nothing to time in fp32.
+BF16_ONLY_ON_GPU = ("hf_eager_accel", "hf_sdpa_accel")
 
 
 def engine_spec(name: str) -> EngineSpec:
@@ -103,10 +112,12 @@ def engine_spec(name: str) -> EngineSpec:
     return replace(spec, name=name, accel=accel, about=f"{spec.about}, forced {forced}")
 
 
-def engines_for(names: list[str], precision: str) -> list[EngineSpec]:
-    """The engines to run for a precision, in order, without duplicates (bf16-only ones dropped in fp32)."""
+def engines_for(names: list[str], precision: str, device_type: str = "cpu") -> list[EngineSpec]:
+    """The engines to run for a precision, in order, without duplicates (on a GPU, the ones that
+    differ from their twin only in bf16 are dropped in fp32)."""
     specs = [engine_spec(n) for n in dict.fromkeys(names)]
-    return [s for s in specs if not (precision == "fp32" and s.name in BF16_ONLY)]
+    same_as_twin = precision == "fp32" and device_type != "cpu"
+    return [s for s in specs if not (same_as_twin and s.name in BF16_ONLY_ON_GPU)]
 
 
 def build_model(spec: EngineSpec, config: MAEConfig, seed: int) -> nn.Module:

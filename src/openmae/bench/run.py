@@ -107,7 +107,7 @@ def run_benchmark(options: BenchOptions) -> list[dict]:
 def run_group(options: BenchOptions, config: BenchConfig, precision: str, flops: dict) -> list[dict]:
     """All engines of one configuration and precision, their repeats interleaved."""
     names = ["openmae", *options.peers] + (["openmae_compile"] if options.compile else [])
-    specs = engines_for(names, precision)
+    specs = engines_for(names, precision, torch.device(options.device).type)
     rows = {s.name: _new_row(config, precision, s, flops[s.mask_tokens]) for s in specs}
     workers: dict[str, ProcessWorker | LocalWorker] = {}
     try:
