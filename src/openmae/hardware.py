@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -90,7 +91,7 @@ def synchronize() -> None:
 
 
 @cache
-def glibc_mallopt():
+def glibc_mallopt() -> Callable[[int, int], int] | None:
     """glibc's `mallopt` (Linux with glibc: the C allocator CPU tensors come from), or None
     (macOS, Windows, musl)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
