@@ -52,6 +52,14 @@ def test_the_fastest_candidate_runs_and_is_cached_per_shape(fastest):
     assert len(timer.seen) == 3
 
 
+@pytest.mark.parametrize("fastest", ["eager_lowp", "per_head_fp32", "widened_flash"])
+def test_low_precision_candidates_are_chosen_only_for_low_precision(fastest):
+    timer = FavourTimer(fastest)
+    attention = TunedAttention(Autotuner(timer=timer))
+    assert attention.kernel_for(qkv(dtype=torch.bfloat16)) == fastest
+    assert attention.kernel_for(qkv()) == "sdpa"  # not offered in fp32: the plain path is the tie-break
+
+
 def test_a_forced_path_is_never_measured():
     timer = FavourTimer("sdpa")
     attention = TunedAttention(Autotuner(timer=timer), path="eager")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from openmae.accel import kernels
 from openmae.accel.attention import KERNELS
@@ -43,6 +44,30 @@ def test_every_kernel_in_bf16_is_within_bf16_rounding_of_the_fp32_result(name, n
     assert out.dtype == grad.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), exact_out, rtol=2e-2, atol=2e-2)
     assert (grad.float() - exact_grad).norm() / exact_grad.norm() < 3e-2
+
+
+class ScoreMatrixDtypes(TorchDispatchMode):
+    """Records the dtype of every op output shaped like a score matrix `[..., N, N]`."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n, self.dtypes = n, set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dim() >= 2 and out.shape[-2:] == (self.n, self.n):
+            self.dtypes.add(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize(("name", "fp32_scores"), [("eager", True), ("eager_lowp", False)])
+def test_eager_lowp_never_widens_the_score_matrix(name, fp32_scores):
+    n = 9
+    qkv, grad_out = packed_qkv(n, torch.bfloat16), torch.randn(2, n, 3, 16)
+    with ScoreMatrixDtypes(n) as seen:
+        output_and_grad(KERNELS[name], qkv, grad_out)
+    assert torch.bfloat16 in seen.dtypes
+    assert (torch.float32 in seen.dtypes) == fp32_scores
 
 
 def test_widened_products_round_once():

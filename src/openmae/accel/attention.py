@@ -16,6 +16,7 @@ import torch
 from openmae.accel.kernels import (
     LOW_PRECISIONS,
     eager_attention,
+    eager_lowp_attention,
     per_head_attention,
     per_head_fp32_attention,
     widened_flash_attention,
@@ -28,6 +29,7 @@ KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "per_head": per_head_attention,
     "per_head_fp32": per_head_fp32_attention,
     "eager": eager_attention,
+    "eager_lowp": eager_lowp_attention,
     "widened_flash": widened_flash_attention,
 }
 ATTENTION_PATHS = ("auto", *KERNELS)
@@ -38,8 +40,9 @@ def candidates_for(device: torch.device, dtype: torch.dtype) -> list[str]:
     if device.type != "cpu":
         return ["sdpa"]
     names = ["sdpa", "eager", "per_head"]
-    if dtype in LOW_PRECISIONS:  # widening to fp32 pays where low-precision products are slow
-        names += ["per_head_fp32", "widened_flash"]
+    if dtype in LOW_PRECISIONS:  # a low-precision softmax, or products widened to fp32 where
+        # low-precision products have no matrix units
+        names += ["eager_lowp", "per_head_fp32", "widened_flash"]
     return names
 
 

@@ -11,6 +11,11 @@ the dtype's rounding. Which one runs is measured, per shape, by `openmae.accel.a
 - `per_head_fp32`: the same with low-precision inputs widened to fp32 (exactly) for the products
   and the softmax, for CPUs whose bf16 products have no matrix units.
 - `eager`: the textbook expression in the input dtype (what HF's eager attention runs).
+- `eager_lowp`: the same with the softmax read and written in the low precision. Torch's CPU
+  softmax accumulates in fp32 inside, so the probabilities round once, as in `eager`, but the
+  four fp32 copies of each score matrix (`[B, heads, N, N]`: widened for the softmax, rounded
+  after it, and both again in backward) are never made. At the decoder's 65 tokens they were a
+  quarter of a tiny bf16 step on an AMX CPU.
 - `widened_flash`: torch's fp32 CPU flash kernels on widened copies of low-precision inputs,
   keeping the low-precision tensors for backward.
 """
@@ -28,6 +33,13 @@ def eager_attention(qkv: torch.Tensor) -> torch.Tensor:
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, heads, N, N]
     probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
     return (probs @ v).transpose(1, 2)  # [B, N, heads, head_dim]
+
+
+def eager_lowp_attention(qkv: torch.Tensor) -> torch.Tensor:
+    """`eager_attention` with the softmax in qkv's dtype (fp32 accumulation inside torch's kernel)."""
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, heads, N, head_dim]
+    scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # [B, heads, N, N]
+    return (scores.softmax(-1) @ v).transpose(1, 2)  # [B, N, heads, head_dim]
 
 
 def per_head_attention(qkv: torch.Tensor) -> torch.Tensor:
