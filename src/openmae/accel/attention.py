@@ -40,8 +40,7 @@ def candidates_for(device: torch.device, dtype: torch.dtype) -> list[str]:
     if device.type != "cpu":
         return ["sdpa"]
     names = ["sdpa", "eager", "per_head"]
-    if dtype in LOW_PRECISIONS:  # a low-precision softmax, or products widened to fp32 where
-        # low-precision products have no matrix units
+    if dtype in LOW_PRECISIONS:  # softmax left in low precision; products widened for CPUs without bf16 units
         names += ["eager_lowp", "per_head_fp32", "widened_flash"]
     return names
 

@@ -29,17 +29,19 @@ LOW_PRECISIONS = (torch.bfloat16, torch.float16)
 
 def eager_attention(qkv: torch.Tensor) -> torch.Tensor:
     """`softmax(q k^T / sqrt(head_dim)) v` by autograd, in qkv's dtype (softmax in fp32)."""
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, heads, N, head_dim]
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, heads, N, N]
-    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-    return (probs @ v).transpose(1, 2)  # [B, N, heads, head_dim]
+    return _eager(qkv, fp32_softmax=True)
 
 
 def eager_lowp_attention(qkv: torch.Tensor) -> torch.Tensor:
     """`eager_attention` with the softmax in qkv's dtype (fp32 accumulation inside torch's kernel)."""
+    return _eager(qkv, fp32_softmax=False)
+
+
+def _eager(qkv: torch.Tensor, fp32_softmax: bool) -> torch.Tensor:
     q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, heads, N, head_dim]
     scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # [B, heads, N, N]
-    return (scores.softmax(-1) @ v).transpose(1, 2)  # [B, N, heads, head_dim]
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype) if fp32_softmax else scores.softmax(-1)
+    return (probs @ v).transpose(1, 2)  # [B, N, heads, head_dim]
 
 
 def per_head_attention(qkv: torch.Tensor) -> torch.Tensor:
