@@ -164,6 +164,7 @@ def test_bench_runs_end_to_end(tmp_path, bf16_units):
         "transformers",
         "| hf_eager |",
         "fp32: same, HF given openmae's accel (model code alone)",
+        "bf16: openmae@attention=eager >= 1.0x fastest HF",  # forced paths face the same bar
         "## Where the time goes",
         "## Execution paths chosen by measurement",
     ):

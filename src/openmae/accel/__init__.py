@@ -20,6 +20,7 @@ from torch import nn
 from openmae.accel.allocator import ALLOCATOR_CHOICES, retain_freed_memory
 from openmae.accel.attention import ATTENTION_PATHS, TunedAttention
 from openmae.accel.gemm import GEMM_PATHS, Bf16Gemm, Census, dispatch_overhead_s
+from openmae.accel.residual import RESIDUAL_CHOICES, lowp_residual
 from openmae.accel.tuner import Autotuner, default_cache_file
 from openmae.models.layers import Attention
 
@@ -46,6 +47,13 @@ class AccelConfig:
             "allows) | retain (required) | system (leave it as it is)"
         },
     )
+    residual: str = field(
+        default="fp32",
+        metadata={
+            "help": "residual stream under autocast: fp32 (autocast's) | lowp (the autocast dtype: "
+            "faster, one rounding per residual add; off by default as it changes the numbers)"
+        },
+    )
     cache: bool = field(
         default=True,
         metadata={"help": "remember measured choices for this machine in $OPENMAE_CACHE_DIR/autotune.json"},
@@ -62,12 +70,17 @@ class AccelConfig:
             raise ValueError(
                 f"accel.allocator must be one of {', '.join(ALLOCATOR_CHOICES)}; got {self.allocator!r}"
             )
+        if self.residual not in RESIDUAL_CHOICES:
+            raise ValueError(
+                f"accel.residual must be one of {', '.join(RESIDUAL_CHOICES)}; got {self.residual!r}"
+            )
 
 
 class Acceleration:
     """The fast paths of one run on one device and precision.
 
-    `install(model)` gives every openmae attention layer the tuned kernel; `step()` is the context
+    `install(model)` gives every openmae attention layer the tuned kernel (and, with
+    `residual=lowp`, every block its input in the autocast dtype); `step()` is the context
     a training step (forward and backward) runs in: the bf16 GEMM mode for bf16 on a CPU, else
     nothing. `state_dict()` holds the choices made, which a resumed run restores so that it
     computes exactly as before.
@@ -97,10 +110,16 @@ class Acceleration:
 
     def install(self, model: nn.Module) -> int:
         """Set the tuned kernel on every openmae `Attention` of `model`; returns how many."""
+        self.install_residual(model)
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         for layer in layers:
             layer.kernel = self.attention
         return len(layers)
+
+    def install_residual(self, model: nn.Module) -> None:
+        """With `residual=lowp`, every openmae block of `model` takes its input in the autocast dtype."""
+        if self.cfg.residual == "lowp":
+            lowp_residual(model)
 
     def step(self) -> contextlib.AbstractContextManager:
         """Enter around forward *and* backward."""

@@ -170,6 +170,7 @@ class Trainer:
             shard_model(model, self.optimizer, self.device)  # in place: self.model is sharded too
         if self.cfg.compile:
             self.accel.gemm = None  # inductor compiles the step; dispatch modes do not mix with it
+            self.accel.install_residual(model)
             return self._ddp(torch.compile(model))
         self.accel.install(model)
         return self._ddp(model)
