@@ -26,11 +26,8 @@ RESIDUAL_CHOICES = ("fp32", "lowp")
 
 def lowp_residual(model: nn.Module) -> list[RemovableHandle]:
     """Make every openmae `Block` of `model` take its input in the autocast dtype; returns the hooks."""
-    return [block.register_forward_pre_hook(_to_autocast_dtype) for block in _blocks(model)]
-
-
-def _blocks(model: nn.Module) -> list[Block]:
-    return [m for m in model.modules() if isinstance(m, Block)]
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    return [block.register_forward_pre_hook(_to_autocast_dtype) for block in blocks]
 
 
 def _to_autocast_dtype(block: Block, args: tuple) -> tuple | None:
