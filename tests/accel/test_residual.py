@@ -33,7 +33,8 @@ def inputs(model):
     return images, torch.rand(4, model.num_patches)
 
 
-def block_input_dtypes(model, images, noise, autocast: bool) -> set[torch.dtype]:
+def block_input_dtypes(model, images, noise, autocast: bool) -> set[tuple[torch.dtype, torch.dtype]]:
+    """The (input, output) dtypes every Block saw in one forward pass."""
     seen = set()
     hooks = [
         m.register_forward_hook(lambda mod, args, out: seen.add((args[0].dtype, out.dtype)))
