@@ -85,7 +85,7 @@ def test_lowp_changes_nothing_outside_autocast():
 
 
 @pytest.mark.parametrize(("choice", "hooked"), [("fp32", False), ("lowp", True)])
-def test_the_loop_installs_lowp_only_when_asked(choice, hooked):
+def test_acceleration_installs_lowp_only_when_asked(choice, hooked):
     model = debug_model()
     images, noise = inputs(model)
     Acceleration(AccelConfig(residual=choice, cache=False), torch.device("cpu"), "bf16").install(model)
