@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from openmae.accel import AccelConfig, Acceleration, uninstall
-from openmae.accel.attention import KERNELS, TunedAttention, candidates_for
+from openmae.accel.attention import KEEP_PROBABILITIES, KERNELS, TunedAttention, candidates_for
 from openmae.accel.tuner import Autotuner
 from openmae.models import create_model
 from openmae.models.layers import Attention, sdpa_attention
@@ -32,7 +32,10 @@ def qkv(n=17, dtype=torch.float32):
 
 def test_candidates_by_device_and_dtype():
     assert candidates_for(torch.device("cpu"), torch.float32) == ["sdpa", "eager", "per_head"]
-    assert set(candidates_for(torch.device("cpu"), torch.bfloat16)) == set(KERNELS)
+    assert set(candidates_for(torch.device("cpu"), torch.bfloat16)) == set(KERNELS) - {"eager_recompute"}
+    lean_bf16 = candidates_for(torch.device("cpu"), torch.bfloat16, lean=True)
+    assert lean_bf16 == ["sdpa", "widened_flash", "eager_recompute"]
+    assert not set(lean_bf16) & set(KEEP_PROBABILITIES)
     assert candidates_for(torch.device("cuda"), torch.bfloat16) == ["sdpa"]  # SDPA picks its own kernels
 
 
@@ -105,3 +108,14 @@ def test_a_model_trains_alike_on_every_forced_path(precision, path):
     assert float((grads - plain_grads).norm() / plain_grads.norm()) < (1e-4 if precision == "fp32" else 3e-2)
     uninstall(model)
     assert all(m.kernel is sdpa_attention for m in model.modules() if isinstance(m, Attention))
+
+
+def test_lean_times_only_kernels_that_keep_no_probabilities_and_caches_apart_from_auto():
+    tuner = Autotuner(timer=FavourTimer("eager_recompute"))
+    x = qkv(dtype=torch.bfloat16)
+    assert TunedAttention(tuner, "lean").kernel_for(x) == "eager_recompute"
+    assert tuner.timer.seen == [sorted(candidates_for(x.device, x.dtype, lean=True))]
+    assert TunedAttention(tuner, "auto").kernel_for(x) == "sdpa"  # its own measurement (no winner there)
+    assert len(tuner.timer.seen) == 2
+    with torch.no_grad():  # nothing is kept without backward: the full candidates, shared with auto
+        assert TunedAttention(tuner, "lean").kernel_for(x) in KERNELS

@@ -89,3 +89,26 @@ def test_widened_flash_keeps_bf16_tensors_for_backward():
         kernels.widened_flash_attention(qkv)
     # q, k, v and the output in bf16; the flash kernels' fp32 log-sum-exp `[B, heads, N]`.
     assert saved[:4] == [torch.bfloat16] * 4 and saved.count(torch.float32) == 1
+
+
+@pytest.mark.parametrize(("name", "keeps_scores"), [("eager_lowp", True), ("eager_recompute", False)])
+def test_eager_recompute_keeps_no_score_matrix_for_backward(name, keeps_scores):
+    n = 9
+    qkv = packed_qkv(n, torch.bfloat16).requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        KERNELS[name](qkv)
+    assert any(shape[-2:] == (n, n) for shape in saved) == keeps_scores
+
+
+def test_eager_recompute_gives_eager_lowp_results():
+    qkv, grad_out = packed_qkv(33, torch.bfloat16), torch.randn(2, 33, 3, 16)
+    out, grad = output_and_grad(kernels.recomputed_attention, qkv, grad_out)
+    ref_out, ref_grad = output_and_grad(kernels.eager_lowp_attention, qkv, grad_out)
+    assert torch.equal(out, ref_out)  # the same products and softmax
+    torch.testing.assert_close(grad, ref_grad, rtol=2e-2, atol=2e-2)  # grads summed in another order
+
+
+def test_eager_recompute_backward_is_the_exact_derivative():
+    qkv = packed_qkv(5, torch.float64)[:, :, :, :2].clone().requires_grad_()
+    assert torch.autograd.gradcheck(kernels.recomputed_attention, (qkv,))

@@ -6,7 +6,9 @@ matrix products are whatever autocast runs. `Acceleration`, which the training l
 device and precision, swaps in what measures faster on this machine for the shapes the run meets
 (`attention`, `gemm`, timed by `tuner`), and every path is tested against the plain one. A config
 section (`accel.attention`, `accel.gemm`) forces any one path; `sdpa` + `native` is the plain model.
-On a CPU it also sets the process's C allocator to reuse freed memory (`allocator`).
+Its MLPs recompute their GELU in backward instead of keeping its output (`mlp`: bit-identical
+results, less activation memory). On a CPU it also sets the process's C allocator to reuse freed
+memory (`allocator`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from openmae.accel.allocator import ALLOCATOR_CHOICES, retain_freed_memory
 from openmae.accel.attention import ATTENTION_PATHS, TunedAttention
 from openmae.accel.gemm import GEMM_PATHS, Bf16Gemm, Census, dispatch_overhead_s
+from openmae.accel.mlp import MLP_CHOICES, recompute_mlps
 from openmae.accel.residual import RESIDUAL_CHOICES, lowp_residual
 from openmae.accel.tuner import Autotuner, default_cache_file
 from openmae.models.layers import Attention
@@ -32,8 +35,8 @@ class AccelConfig:
     attention: str = field(
         default="auto",
         metadata={
-            "help": "attention kernel: auto (the fastest, measured per shape) | "
-            + " | ".join(ATTENTION_PATHS[1:])
+            "help": "attention kernel: auto (the fastest, measured per shape) | lean (the fastest of "
+            "those that keep no attention probabilities for backward) | " + " | ".join(ATTENTION_PATHS[2:])
         },
     )
     gemm: str = field(
@@ -54,6 +57,13 @@ class AccelConfig:
             "faster, one rounding per residual add; off by default as it changes the numbers)"
         },
     )
+    mlp: str = field(
+        default="recompute",
+        metadata={
+            "help": "MLP activations kept for backward: recompute (fc1's output only; GELU's output is "
+            "computed again in backward, bit-identical, a quarter less activation memory) | plain"
+        },
+    )
     cache: bool = field(
         default=True,
         metadata={"help": "remember measured choices for this machine in $OPENMAE_CACHE_DIR/autotune.json"},
@@ -70,6 +80,8 @@ class AccelConfig:
             raise ValueError(
                 f"accel.allocator must be one of {', '.join(ALLOCATOR_CHOICES)}; got {self.allocator!r}"
             )
+        if self.mlp not in MLP_CHOICES:
+            raise ValueError(f"accel.mlp must be one of {', '.join(MLP_CHOICES)}; got {self.mlp!r}")
         if self.residual not in RESIDUAL_CHOICES:
             raise ValueError(
                 f"accel.residual must be one of {', '.join(RESIDUAL_CHOICES)}; got {self.residual!r}"
@@ -79,8 +91,9 @@ class AccelConfig:
 class Acceleration:
     """The fast paths of one run on one device and precision.
 
-    `install(model)` gives every openmae attention layer the tuned kernel (and, with
-    `residual=lowp`, every block its input in the autocast dtype); `step()` is the context
+    `install(model)` gives every openmae attention layer the tuned kernel, every MLP its GELU
+    recomputed in backward (`mlp=recompute`) and, with `residual=lowp`, every block its input in
+    the autocast dtype; `step()` is the context
     a training step (forward and backward) runs in: the bf16 GEMM mode for bf16 on a CPU, else
     nothing. `state_dict()` holds the choices made, which a resumed run restores so that it
     computes exactly as before.
@@ -111,6 +124,7 @@ class Acceleration:
     def install(self, model: nn.Module) -> int:
         """Set the tuned kernel on every openmae `Attention` of `model`; returns how many."""
         self.install_residual(model)
+        self.install_mlp(model)
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         for layer in layers:
             layer.kernel = self.attention
@@ -120,6 +134,13 @@ class Acceleration:
         """With `residual=lowp`, every openmae block of `model` takes its input in the autocast dtype."""
         if self.cfg.residual == "lowp":
             lowp_residual(model)
+
+    def install_mlp(self, model: nn.Module) -> None:
+        """With `mlp=recompute`, every MLP of `model` recomputes its GELU in backward, unless the
+        model checkpoints its blocks (which then keep nothing of the MLP anyway)."""
+        checkpointed = any(getattr(m, "grad_checkpointing", False) for m in model.modules())
+        if self.cfg.mlp == "recompute" and not checkpointed:
+            recompute_mlps(model)
 
     def step(self) -> contextlib.AbstractContextManager:
         """Enter around forward *and* backward."""

@@ -19,6 +19,7 @@ from openmae.accel.kernels import (
     eager_lowp_attention,
     per_head_attention,
     per_head_fp32_attention,
+    recomputed_attention,
     widened_flash_attention,
 )
 from openmae.accel.tuner import Autotuner, Candidates
@@ -30,24 +31,32 @@ KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "per_head_fp32": per_head_fp32_attention,
     "eager": eager_attention,
     "eager_lowp": eager_lowp_attention,
+    "eager_recompute": recomputed_attention,
     "widened_flash": widened_flash_attention,
 }
-ATTENTION_PATHS = ("auto", *KERNELS)
+# "auto": the fastest kernel; "lean": the fastest of those that keep no [B, heads, N, N] matrix for
+# backward (what the flash kernels keep: the output and log-sum-exp), for runs short of memory.
+ATTENTION_PATHS = ("auto", "lean", *KERNELS)
+KEEP_PROBABILITIES = ("eager", "eager_lowp", "per_head", "per_head_fp32")
 
 
-def candidates_for(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """The kernels worth timing for a device and dtype, the plainest first."""
+def candidates_for(device: torch.device, dtype: torch.dtype, lean: bool = False) -> list[str]:
+    """The kernels worth timing for a device and dtype, the plainest first; with `lean`, only those
+    that keep no probabilities for backward."""
     if device.type != "cpu":
         return ["sdpa"]
     names = ["sdpa", "eager", "per_head"]
     if dtype in LOW_PRECISIONS:  # softmax left in low precision; products widened for CPUs without bf16 units
         names += ["eager_lowp", "per_head_fp32", "widened_flash"]
+    if lean:
+        names = [n for n in names if n not in KEEP_PROBABILITIES] + ["eager_recompute"]
     return names
 
 
 class TunedAttention:
     """An `Attention.kernel`: packed qkv `[B, N, 3, heads, head_dim]` -> `[B, N, heads, head_dim]`
-    by the kernel `path` names, or with `path="auto"` by the fastest for each shape."""
+    by the kernel `path` names, or with `path="auto"` (`"lean"`) by the fastest (memory-lean)
+    kernel for each shape."""
 
     def __init__(self, tuner: Autotuner, path: str = "auto") -> None:
         if path not in ATTENTION_PATHS:
@@ -60,15 +69,16 @@ class TunedAttention:
         return KERNELS[self.kernel_for(qkv)](qkv)
 
     def kernel_for(self, qkv: torch.Tensor) -> str:
-        if self.path != "auto":
+        if self.path not in ("auto", "lean"):
             return self.path
         grad = torch.is_grad_enabled() and qkv.requires_grad
         signature = (qkv.device, qkv.dtype, tuple(qkv.shape), grad)
         name = self.chosen.get(signature)
         if name is None:
-            names = candidates_for(qkv.device, qkv.dtype)
+            lean = grad and self.path == "lean"  # without backward nothing is kept anyway
+            names = candidates_for(qkv.device, qkv.dtype, lean)
             key = f"{qkv.device.type} {str(qkv.dtype).removeprefix('torch.')} {list(qkv.shape)}"
-            key += " fwd+bwd" if grad else " fwd"
+            key += (" fwd+bwd lean" if lean else " fwd+bwd") if grad else " fwd"
             name = self.tuner.choose("attention", key, lambda: timing_runs(names, qkv, grad))
             self.chosen[signature] = name
         return name

@@ -16,6 +16,10 @@ the dtype's rounding. Which one runs is measured, per shape, by `openmae.accel.a
   four fp32 copies of each score matrix (`[B, heads, N, N]`: widened for the softmax, rounded
   after it, and both again in backward) are never made. At the decoder's 65 tokens they were a
   quarter of a tiny bf16 step on an AMX CPU.
+- `eager_recompute`: `eager_lowp`'s products and softmax without keeping the probabilities
+  `[B, heads, N, N]` for backward: backward computes them again from q and k (one more product
+  and softmax per block, bit-identical to forward's). The memory of the flash kernels, which keep
+  only the output and log-sum-exp, at close to eager's speed; forced, not measured into `auto`.
 - `widened_flash`: torch's fp32 CPU flash kernels on widened copies of low-precision inputs,
   keeping the low-precision tensors for backward.
 """
@@ -42,6 +46,40 @@ def _eager(qkv: torch.Tensor, fp32_softmax: bool) -> torch.Tensor:
     scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # [B, heads, N, N]
     probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype) if fp32_softmax else scores.softmax(-1)
     return (probs @ v).transpose(1, 2)  # [B, N, heads, head_dim]
+
+
+def recomputed_attention(qkv: torch.Tensor) -> torch.Tensor:
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, heads, N, head_dim]
+    return RecomputedAttention.apply(q, k, v).transpose(1, 2)  # [B, N, heads, head_dim]
+
+
+class RecomputedAttention(torch.autograd.Function):
+    """`[B, heads, N, head_dim]` attention in the inputs' dtype that keeps only q, k, v for backward
+    (views of the packed qkv, alive anyway) and computes the probabilities there again."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(q.device.type, enabled=False):  # backward runs in these dtypes too
+            out = _probabilities(q, k) @ v  # [B, heads, N, head_dim]
+        ctx.save_for_backward(q, k, v)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = ctx.saved_tensors
+        grad_out = grad_out.to(q.dtype)
+        probs = _probabilities(q, k)  # [B, heads, N, N], as in forward
+        grad_v = probs.transpose(-2, -1) @ grad_out
+        grad_probs = grad_out @ v.transpose(-2, -1)  # [B, heads, N, N]
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_scores = grad_scores.mul_(q.shape[-1] ** -0.5)
+        return grad_scores @ k, grad_scores.transpose(-2, -1) @ q, grad_v
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`softmax(q k^T / sqrt(head_dim))` in q's dtype (fp32 sums inside the softmax): `[B, heads, N, N]`."""
+    return (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).softmax(-1)
 
 
 def per_head_attention(qkv: torch.Tensor) -> torch.Tensor:
