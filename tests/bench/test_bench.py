@@ -151,6 +151,8 @@ def test_bench_runs_end_to_end(tmp_path, bf16_units):
     assert machine["cpu_native_bf16"] is bf16_units  # the header says what the CPU has
     ours = [r for r in steps if r["engine"] == "openmae"]
     assert all(r["paths"] for r in ours)  # ...and which paths the loop measured and chose
+    assert all("GELU recomputed" in r["paths"]["mlp"] for r in ours)
+    assert not any("mlp" in r["paths"] for r in steps if r["engine"].startswith("hf_"))
     for r in steps:
         assert r["error"] is None
         assert r["images_per_s_min"] <= r["images_per_s"] <= r["images_per_s_max"]

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from openmae.accel import AccelConfig, allocator
+from openmae.accel.mlp import RecomputingMlp
 from openmae.distributed import DistInfo
 from openmae.engine.loop import Schedule, TrainConfig, Trainer
 from openmae.engine.optim import OptimConfig, build_optimizer
@@ -227,8 +228,11 @@ class BenchEngine:
         return loss
 
     def paths(self) -> dict[str, str]:
-        """The execution paths the engine's loop chose (its autotuner's choices, the C allocator)."""
+        """The execution paths the engine's loop chose (autotuner choices, MLPs, the C allocator)."""
         paths = self.trainer.accel.state_dict()
+        recomputing = sum(isinstance(m, RecomputingMlp) for m in self.model.modules())
+        if recomputing:
+            paths["mlp"] = f"GELU recomputed in backward ({recomputing} MLPs)"
         if self.device.type == "cpu":
             paths["cpu allocator"] = "retain freed memory" if allocator.retaining() else "system"
         return paths
