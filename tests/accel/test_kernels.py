@@ -103,7 +103,7 @@ def test_eager_recompute_keeps_no_score_matrix_for_backward(name, keeps_scores):
 
 def test_eager_recompute_gives_eager_lowp_results():
     qkv, grad_out = packed_qkv(33, torch.bfloat16), torch.randn(2, 33, 3, 16)
-    out, grad = output_and_grad(kernels.recomputed_attention, qkv, grad_out)
+    out, grad = output_and_grad(kernels.eager_recompute_attention, qkv, grad_out)
     ref_out, ref_grad = output_and_grad(kernels.eager_lowp_attention, qkv, grad_out)
     assert torch.equal(out, ref_out)  # the same products and softmax
     torch.testing.assert_close(grad, ref_grad, rtol=2e-2, atol=2e-2)  # grads summed in another order
@@ -111,4 +111,4 @@ def test_eager_recompute_gives_eager_lowp_results():
 
 def test_eager_recompute_backward_is_the_exact_derivative():
     qkv = packed_qkv(5, torch.float64)[:, :, :, :2].clone().requires_grad_()
-    assert torch.autograd.gradcheck(kernels.recomputed_attention, (qkv,))
+    assert torch.autograd.gradcheck(kernels.eager_recompute_attention, (qkv,))

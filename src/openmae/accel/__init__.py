@@ -138,8 +138,9 @@ class Acceleration:
     def install_mlp(self, model: nn.Module) -> None:
         """With `mlp=recompute`, every MLP of `model` recomputes its GELU in backward, unless the
         model checkpoints its blocks (which then keep nothing of the MLP anyway)."""
-        checkpointed = any(getattr(m, "grad_checkpointing", False) for m in model.modules())
-        if self.cfg.mlp == "recompute" and not checkpointed:
+        if self.cfg.mlp != "recompute":
+            return
+        if not any(getattr(m, "grad_checkpointing", False) for m in model.modules()):
             recompute_mlps(model)
 
     def step(self) -> contextlib.AbstractContextManager:

@@ -17,9 +17,9 @@ from openmae.accel.kernels import (
     LOW_PRECISIONS,
     eager_attention,
     eager_lowp_attention,
+    eager_recompute_attention,
     per_head_attention,
     per_head_fp32_attention,
-    recomputed_attention,
     widened_flash_attention,
 )
 from openmae.accel.tuner import Autotuner, Candidates
@@ -31,7 +31,7 @@ KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "per_head_fp32": per_head_fp32_attention,
     "eager": eager_attention,
     "eager_lowp": eager_lowp_attention,
-    "eager_recompute": recomputed_attention,
+    "eager_recompute": eager_recompute_attention,
     "widened_flash": widened_flash_attention,
 }
 # "auto": the fastest kernel; "lean": the fastest of those that keep no [B, heads, N, N] matrix for
@@ -78,7 +78,8 @@ class TunedAttention:
             lean = grad and self.path == "lean"  # without backward nothing is kept anyway
             names = candidates_for(qkv.device, qkv.dtype, lean)
             key = f"{qkv.device.type} {str(qkv.dtype).removeprefix('torch.')} {list(qkv.shape)}"
-            key += (" fwd+bwd lean" if lean else " fwd+bwd") if grad else " fwd"
+            key += " fwd+bwd" if grad else " fwd"
+            key += " lean" if lean else ""
             name = self.tuner.choose("attention", key, lambda: timing_runs(names, qkv, grad))
             self.chosen[signature] = name
         return name

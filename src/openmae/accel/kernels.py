@@ -19,7 +19,8 @@ the dtype's rounding. Which one runs is measured, per shape, by `openmae.accel.a
 - `eager_recompute`: `eager_lowp`'s products and softmax without keeping the probabilities
   `[B, heads, N, N]` for backward: backward computes them again from q and k (one more product
   and softmax per block, bit-identical to forward's). The memory of the flash kernels, which keep
-  only the output and log-sum-exp, at close to eager's speed; forced, not measured into `auto`.
+  only the output and log-sum-exp, at close to eager's speed; measured under `accel.attention=lean`,
+  not under `auto`.
 - `widened_flash`: torch's fp32 CPU flash kernels on widened copies of low-precision inputs,
   keeping the low-precision tensors for backward.
 """
@@ -27,6 +28,8 @@ the dtype's rounding. Which one runs is measured, per shape, by `openmae.accel.a
 from __future__ import annotations
 
 import torch
+
+from openmae.models.layers import split_heads
 
 LOW_PRECISIONS = (torch.bfloat16, torch.float16)
 
@@ -42,14 +45,19 @@ def eager_lowp_attention(qkv: torch.Tensor) -> torch.Tensor:
 
 
 def _eager(qkv: torch.Tensor, fp32_softmax: bool) -> torch.Tensor:
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, heads, N, head_dim]
-    scores = (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)  # [B, heads, N, N]
+    q, k, v = split_heads(qkv)  # 3 x [B, heads, N, head_dim]
+    scores = _scores(q, k)  # [B, heads, N, N]
     probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype) if fp32_softmax else scores.softmax(-1)
     return (probs @ v).transpose(1, 2)  # [B, N, heads, head_dim]
 
 
-def recomputed_attention(qkv: torch.Tensor) -> torch.Tensor:
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, heads, N, head_dim]
+def _scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`q k^T / sqrt(head_dim)` in q's dtype: `[B, heads, N, N]`."""
+    return (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5)
+
+
+def eager_recompute_attention(qkv: torch.Tensor) -> torch.Tensor:
+    q, k, v = split_heads(qkv)  # 3 x [B, heads, N, head_dim]
     return RecomputedAttention.apply(q, k, v).transpose(1, 2)  # [B, N, heads, head_dim]
 
 
@@ -60,7 +68,7 @@ class RecomputedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         with torch.autocast(q.device.type, enabled=False):  # backward runs in these dtypes too
-            out = _probabilities(q, k) @ v  # [B, heads, N, head_dim]
+            out = _scores(q, k).softmax(-1) @ v  # [B, heads, N, head_dim], as eager_lowp
         ctx.save_for_backward(q, k, v)
         return out
 
@@ -69,17 +77,12 @@ class RecomputedAttention(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = ctx.saved_tensors
         grad_out = grad_out.to(q.dtype)
-        probs = _probabilities(q, k)  # [B, heads, N, N], as in forward
+        probs = _scores(q, k).softmax(-1)  # [B, heads, N, N], as in forward
         grad_v = probs.transpose(-2, -1) @ grad_out
         grad_probs = grad_out @ v.transpose(-2, -1)  # [B, heads, N, N]
         grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
         grad_scores = grad_scores.mul_(q.shape[-1] ** -0.5)
         return grad_scores @ k, grad_scores.transpose(-2, -1) @ q, grad_v
-
-
-def _probabilities(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """`softmax(q k^T / sqrt(head_dim))` in q's dtype (fp32 sums inside the softmax): `[B, heads, N, N]`."""
-    return (q @ k.transpose(-2, -1)).mul_(q.shape[-1] ** -0.5).softmax(-1)
 
 
 def per_head_attention(qkv: torch.Tensor) -> torch.Tensor:
@@ -143,7 +146,7 @@ def _heads(qkv: torch.Tensor):
 
 
 def widened_flash_attention(qkv: torch.Tensor) -> torch.Tensor:
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, heads, N, head_dim]
+    q, k, v = split_heads(qkv)  # 3 x [B, heads, N, head_dim]
     return WidenedFlashAttention.apply(q, k, v).transpose(1, 2)
 
 

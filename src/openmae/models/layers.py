@@ -47,10 +47,16 @@ class Attention(nn.Module):
 def sdpa_attention(qkv: torch.Tensor) -> torch.Tensor:
     """`softmax(q k^T / sqrt(head_dim)) v` per head: packed `[B, N, 3, heads, head_dim]` ->
     `[B, N, heads, head_dim]`, by torch's `scaled_dot_product_attention`."""
+    q, k, v = split_heads(qkv)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def split_heads(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed `[B, N, 3, heads, head_dim]` -> q, k, v, each `[B, heads, N, head_dim]` (views)."""
     # Split on the "3" axis, then move heads forward: in backward the three gradients are then
     # stacked straight into qkv's layout (one copy; permuting qkv first would cost a second one).
-    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # 3 x [B, heads, N, head_dim]
-    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    return q, k, v
 
 
 class Block(nn.Module):
