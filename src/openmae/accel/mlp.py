@@ -8,8 +8,8 @@ a step) for a quarter of a block's activation memory (ViT-B/16 at batch 8: ~80 M
 in fp32). The recomputed g is bit-identical to the forward one (the same kernel on the same h),
 so losses and gradients do not change at all.
 
-How: while fc2 runs, a `saved_tensors_hooks` pair swaps any saved tensor that is a view of g for
-a note of h and the view's geometry, and rebuilds the view from `gelu(h)` when backward unpacks it.
+How: while fc2 runs, a rule of `openmae.accel.saved` stores any saved view of g as a recipe
+(h, GELU and the view's geometry), and backward rebuilds the view from `gelu(h)`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from timm.layers import Mlp
 from torch import nn
+
+from openmae.accel.saved import Recipe, Rule, recipe_for_view, recipes
 
 MLP_CHOICES = ("recompute", "plain")
 
@@ -38,28 +40,21 @@ class RecomputingMlp(nn.Module):
         g = self.act(h)  # [B, N, hidden]
         if not (torch.is_grad_enabled() and g.requires_grad):
             return self.fc2(g)
-        with torch.autograd.graph.saved_tensors_hooks(*_recompute_hooks(g, h, self.act)):
+        with recipes(_views_of(g, h, self.act)):
             return self.fc2(g)
 
 
-def _recompute_hooks(g: torch.Tensor, h: torch.Tensor, act: nn.Module):
-    """Pack / unpack hooks that store views of `g` as (h, size, stride, offset). They hold g's
-    address, not g: backward keeps the hooks, and g must be free to go."""
+def _views_of(g: torch.Tensor, h: torch.Tensor, act: nn.Module) -> Rule:
+    """A rule for views of `g = act(h)`. It holds g's address, not g: backward keeps the rule's
+    recipes, and g must be free to go."""
     g_storage, g_dtype = g.untyped_storage().data_ptr(), g.dtype
 
-    def pack(t: torch.Tensor):
-        if t.untyped_storage().data_ptr() == g_storage and t.dtype == g_dtype:
-            return (h, t.size(), t.stride(), t.storage_offset())
-        return t
+    def rule(saved: torch.Tensor) -> Recipe | None:
+        if saved.untyped_storage().data_ptr() == g_storage and saved.dtype == g_dtype:
+            return recipe_for_view(saved, h, act)
+        return None
 
-    def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        h_saved, size, stride, offset = packed
-        with torch.no_grad():
-            return act(h_saved).as_strided(size, stride, offset)
-
-    return pack, unpack
+    return rule
 
 
 def recomputable(mlp: nn.Module) -> bool:

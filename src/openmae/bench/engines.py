@@ -59,7 +59,7 @@ class EngineSpec:
 
 
 # The plain model: no openmae paths, the C allocator as the process found it.
-_STOCK = AccelConfig(attention="sdpa", gemm="native", allocator="system", cache=False)
+_STOCK = AccelConfig(attention="sdpa", gemm="native", allocator="system", weight_casts="keep", cache=False)
 ENGINES: dict[str, EngineSpec] = {
     spec.name: spec
     for spec in (
@@ -233,6 +233,8 @@ class BenchEngine:
         recomputing = sum(isinstance(m, RecomputingMlp) for m in self.model.modules())
         if recomputing:
             paths["mlp"] = f"GELU recomputed in backward ({recomputing} MLPs)"
+        if self.trainer.accel.recast_weights:
+            paths["weight casts"] = "low-precision weights cast again in backward"
         if self.device.type == "cpu":
             paths["cpu allocator"] = "retain freed memory" if allocator.retaining() else "system"
         return paths

@@ -168,8 +168,11 @@ class Trainer:
             if self.cfg.precision == "fp16":
                 raise ValueError("fsdp runs in fp32 or bf16 (the fp16 grad scaler does not see shards)")
             shard_model(model, self.optimizer, self.device)  # in place: self.model is sharded too
+            # FSDP frees and gathers again the weights between forward and backward: no rebuilding.
+            self.accel.recast_weights = False
         if self.cfg.compile:
             self.accel.gemm = None  # inductor compiles the step; dispatch modes do not mix with it
+            self.accel.recast_weights = False  # nor do saved-tensor hooks
             self.accel.install_residual(model)
             return self._ddp(torch.compile(model))
         self.accel.install(model)
@@ -377,7 +380,7 @@ class Trainer:
         ddp = self.dist.enabled and not self.sharded
         sync = self.train_model.no_sync() if ddp and not last else contextlib.nullcontext()
         with sync, self.accel.step():
-            with autocast(self.device, self.cfg.precision):
+            with autocast(self.device, self.cfg.precision, self.accel.autocast_cache):
                 loss = self.task(self.train_model, batch, self.device) / self.cfg.accum_iter
             self.scaler.scale(loss).backward()
         return loss.detach()

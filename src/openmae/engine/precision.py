@@ -23,10 +23,15 @@ def check_precision(precision: str, device: torch.device | str) -> None:
         raise ValueError(f"precision fp16 needs a CUDA GPU (it uses a grad scaler), not {device}; use bf16")
 
 
-def autocast(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager:
-    """`torch.autocast` to bf16 or fp16, or nothing for fp32. Enter it around the forward pass only."""
+def autocast(
+    device: torch.device | str, precision: Precision, cache_weights: bool = True
+) -> contextlib.AbstractContextManager:
+    """`torch.autocast` to bf16 or fp16, or nothing for fp32. Enter it around the forward pass only.
+
+    Without `cache_weights` each weight is cast where it is used, and no cast outlives its use
+    (autocast's cache otherwise keeps every cast weight until the forward ends)."""
     check_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, cache_enabled=cache_weights)

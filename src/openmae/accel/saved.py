@@ -1,0 +1,118 @@
+"""Tensors autograd keeps for backward, kept as recipes instead (`accel.mlp`, `accel.weight_casts`).
+
+Some tensors a training step keeps for backward are cheap functions of tensors that stay alive
+anyway:
+
+- the bf16 (fp16) copy of an fp32 weight that autocast makes for each matrix product, which the
+  product keeps for its input gradient: ViT-B/16 with the paper's decoder has 112M weights, 224 MB
+  of bf16 copies held from forward until backward reaches each layer (`weight_casts=recompute`);
+- a GELU's output, which fc2 keeps for its weight gradient (`mlp=recompute`, `accel.mlp`).
+
+Inside `recipes(rule, ...)` a `saved_tensors_hooks` pair offers every tensor autograd saves to the
+rules; one that recognises it stores a `Recipe` (a source tensor, a function, the view's geometry)
+and backward rebuilds the tensor from it: the same kernel on the same input, so losses and
+gradients are bit-identical. Contexts nest: an inner one adds its rules to the outer one's hooks
+(autograd applies only the innermost hooks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+import torch
+
+LOW_PRECISIONS = (torch.bfloat16, torch.float16)
+# Weights below this size are left alone: each rebuild costs a call (tens of microseconds in
+# backward), and a 2^18-element weight's bf16 copy is only 512 KB. ViT-B/16's smallest matrix
+# (the decoder's 512 x 512 projection) is rebuilt; none of the tiny config's is.
+MIN_REBUILT_WEIGHT = 2**18
+
+
+class Recipe(NamedTuple):
+    """How backward rebuilds a saved tensor: `rebuild(source)` viewed with the saved geometry."""
+
+    source: torch.Tensor
+    rebuild: Callable[[torch.Tensor], torch.Tensor]
+    size: torch.Size
+    stride: tuple[int, ...]
+    offset: int
+    version: int  # the source's version counter: an in-place change before backward is refused
+
+
+Rule = Callable[[torch.Tensor], Recipe | None]
+_rules: list[list[Rule]] = []  # one list per open hooks context, innermost last
+
+
+@contextlib.contextmanager
+def recipes(*rules: Rule) -> Iterator[None]:
+    """Within the block, a saved tensor that one of `rules` recognises is kept as its recipe."""
+    if _rules:  # the outer context's hooks are the ones autograd calls: lend them these rules
+        _rules[-1].extend(rules)
+        try:
+            yield
+        finally:
+            del _rules[-1][-len(rules) :]
+        return
+    frame = list(rules)
+    _rules.append(frame)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, frame), _unpack):
+            yield
+    finally:
+        _rules.pop()
+
+
+def _pack(rules: list[Rule], saved: torch.Tensor) -> torch.Tensor | Recipe:
+    for rule in rules:
+        recipe = rule(saved)
+        if recipe is not None:
+            return recipe
+    return saved
+
+
+def _unpack(packed: torch.Tensor | Recipe) -> torch.Tensor:
+    if isinstance(packed, torch.Tensor):
+        return packed
+    if packed.source._version != packed.version:
+        raise RuntimeError(
+            "a tensor that backward rebuilds from a weight or an activation was changed in place "
+            "between forward and backward (set accel.weight_casts=keep and accel.mlp=plain to keep copies)"
+        )
+    with torch.no_grad():
+        return packed.rebuild(packed.source).as_strided(packed.size, packed.stride, packed.offset)
+
+
+def recipe_for_view(saved: torch.Tensor, source: torch.Tensor, rebuild: Callable) -> Recipe:
+    """The recipe of `saved`, a view of the tensor that `rebuild(source)` makes."""
+    return Recipe(source, rebuild, saved.size(), saved.stride(), saved.storage_offset(), source._version)
+
+
+def parameter_casts(saved: torch.Tensor) -> Recipe | None:
+    """A rule: `saved` is (a view of) a low-precision copy of a parameter of at least
+    `MIN_REBUILT_WEIGHT` elements made by `.to()`, as autocast's casts are; backward casts the
+    parameter again."""
+    if saved.dtype not in LOW_PRECISIONS:
+        return None
+    cast = saved._base if saved._is_view() else saved
+    node = cast.grad_fn
+    if node is None or node.name() != "ToCopyBackward0":
+        return None
+    param = getattr(node.next_functions[0][0], "variable", None)  # the AccumulateGrad of a leaf
+    # (a parameter, or any leaf tensor that requires grad: its cast is rebuilt alike)
+    if param is None or param.dtype in LOW_PRECISIONS or param.device != cast.device:
+        return None
+    if param.shape != cast.shape or param.stride() != cast.stride() or param.numel() < MIN_REBUILT_WEIGHT:
+        return None
+    return recipe_for_view(saved, param, functools.partial(_cast, dtype=saved.dtype))
+
+
+def rebuilds_weights_of(model: torch.nn.Module) -> bool:
+    """Whether `parameter_casts` would rebuild any of `model`'s weights (none: no hooks needed)."""
+    return any(p.numel() >= MIN_REBUILT_WEIGHT for p in model.parameters())
+
+
+def _cast(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return param.detach().to(dtype)

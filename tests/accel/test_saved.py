@@ -1,0 +1,146 @@
+"""`openmae.accel.saved`: saved tensors kept as recipes (`accel.weight_casts=recompute`) change no
+number, free the low-precision weight copies, and refuse a weight changed before backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import openmae.accel.saved as saved
+from openmae.accel import AccelConfig, Acceleration
+from openmae.accel.mlp import recompute_mlps
+from openmae.accel.saved import Recipe, parameter_casts, recipes
+from openmae.engine.precision import autocast
+from openmae.models import create_model
+
+
+@pytest.fixture
+def every_weight(monkeypatch):
+    """Rebuild weights of any size (the debug model's are all below the default minimum)."""
+    monkeypatch.setattr(saved, "MIN_REBUILT_WEIGHT", 0)
+
+
+def debug_model():
+    torch.manual_seed(0)
+    return create_model("mae_vit_debug").train()
+
+
+def loss_and_grads(model, rebuild: bool):
+    torch.manual_seed(1)
+    images = torch.randn(4, model.config.in_chans, *model.config.img_size)
+    noise = torch.rand(4, model.num_patches)
+    model.zero_grad()
+    with recipes(parameter_casts) if rebuild else torch.autograd.graph.saved_tensors_hooks(_id, _id):
+        with autocast("cpu", "bf16", cache_weights=not rebuild):
+            loss = model(images, noise=noise).loss
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _id(t):
+    return t
+
+
+@pytest.mark.parametrize("mlp", ["plain", "recompute"])
+def test_rebuilt_weight_casts_give_bit_identical_loss_and_gradients(every_weight, mlp):
+    plain = debug_model()
+    if mlp == "recompute":  # its own rule nests inside the weight rule's hooks
+        recompute_mlps(plain)
+    rebuilt = copy.deepcopy(plain)
+    loss, grads = loss_and_grads(plain, rebuild=False)
+    rebuilt_loss, rebuilt_grads = loss_and_grads(rebuilt, rebuild=True)
+    assert torch.equal(loss, rebuilt_loss)
+    assert grads.keys() == rebuilt_grads.keys()
+    for name in grads:
+        assert torch.equal(grads[name], rebuilt_grads[name]), name
+
+
+def spied_rule(seen: list):
+    def rule(t):
+        recipe = parameter_casts(t)
+        if recipe is not None:
+            seen.append(recipe)
+        return recipe
+
+    return rule
+
+
+def test_each_linear_weight_is_kept_as_a_recipe_of_the_parameter(every_weight):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 4))
+    seen: list[Recipe] = []
+    with recipes(spied_rule(seen)):
+        with autocast("cpu", "bf16", cache_weights=False):
+            x = torch.randn(3, 8, requires_grad=True)  # for the first layer's input gradient, too
+            out = net(x)
+        out.float().sum().backward()
+    # x is a leaf as well: its cast is rebuilt the same way
+    assert {id(r.source) for r in seen} == {id(net[0].weight), id(net[2].weight), id(x)}
+    assert all(r.source.dtype == torch.float32 for r in seen)
+
+
+def test_fp32_tensors_and_small_weights_are_kept_as_they_are():
+    torch.manual_seed(0)
+    net = nn.Linear(8, 8)  # 64 weights: below MIN_REBUILT_WEIGHT
+    seen: list[Recipe] = []
+    for precision in ("fp32", "bf16"):
+        with recipes(spied_rule(seen)), autocast("cpu", precision, cache_weights=False):
+            net(torch.randn(2, 8)).float().sum().backward()
+    assert seen == []
+
+
+def test_a_weight_changed_in_place_before_backward_is_refused(every_weight):
+    net = nn.Linear(8, 8)
+    with recipes(parameter_casts):
+        with autocast("cpu", "bf16", cache_weights=False):
+            out = net(torch.randn(2, 8, requires_grad=True))
+        with torch.no_grad():
+            net.weight.add_(1.0)
+        with pytest.raises(RuntimeError, match="changed in place"):
+            out.float().sum().backward()
+
+
+def test_nested_rules_join_the_outer_hooks_and_leave_with_their_block():
+    outer, inner = (lambda t: None), (lambda t: None)
+    with recipes(outer):
+        with recipes(inner):
+            assert saved._rules == [[outer, inner]]
+        assert saved._rules == [[outer]]
+    assert saved._rules == []
+
+
+def test_acceleration_rebuilds_casts_under_autocast_only_with_large_weights():
+    def rebuilding(precision: str, cfg: AccelConfig, model: nn.Module) -> bool:
+        accel = Acceleration(cfg, torch.device("cpu"), precision)
+        accel.install(model)
+        assert accel.autocast_cache is not accel.recast_weights
+        return accel.recast_weights
+
+    large = nn.Linear(512, 512)  # 2^18 weights: the smallest that is rebuilt
+    default = AccelConfig(cache=False, allocator="system")
+    assert rebuilding("bf16", default, large)
+    assert not rebuilding("fp32", default, large)
+    assert not rebuilding("bf16", AccelConfig(cache=False, allocator="system", weight_casts="keep"), large)
+    assert not rebuilding("bf16", default, debug_model())  # nothing large enough: no hooks at all
+    with pytest.raises(ValueError, match="accel.weight_casts"):
+        AccelConfig(weight_casts="drop")
+
+
+def test_the_training_loop_rebuilds_casts_and_learns_the_same(every_weight):
+    """Three bf16 steps of the real loop, weight casts rebuilt or kept: the same losses, bit for bit."""
+    from openmae.bench.engines import BenchEngine, engine_spec
+    from openmae.models.registry import model_config
+
+    forced = "openmae@attention=sdpa,gemm=native,allocator=system"
+    losses = {}
+    for casts in ("recompute", "keep"):
+        engine = BenchEngine(
+            engine_spec(f"{forced},weight_casts={casts}"), model_config("mae_vit_debug"), 4, "cpu", "bf16"
+        )
+        assert engine.trainer.accel.recast_weights is (casts == "recompute")
+        assert ("weight casts" in engine.paths()) is (casts == "recompute")
+        losses[casts] = [engine.step().item() for _ in range(3)]
+    assert losses["recompute"] == losses["keep"]
