@@ -253,3 +253,24 @@ def test_four_channel_images() -> None:
     assert out.pred.shape == (2, 16, 8 * 8 * 4)
     assert torch.isfinite(out.loss)
     assert model.forward_features(images(2, C=4)).shape == (2, 17, 32)
+
+
+@pytest.mark.parametrize(("C", "H", "W"), [(3, 32, 32), (4, 32, 48), (1, 48, 32)])
+def test_embedding_only_the_kept_patches_gives_the_full_embeddings_tokens(C: int, H: int, W: int) -> None:
+    """The encoder embeds the visible patches alone: the same tokens as embedding every patch
+    (timm's convolution) and keeping the visible ones, for any channel count and grid."""
+    model = make_model(in_chans=C, img_size=(H, W))
+    imgs = images(2, C=C, H=H, W=W)
+    ids = torch.rand(2, model.num_patches, generator=torch.Generator().manual_seed(3)).argsort(1)[:, :5]
+    with torch.no_grad():
+        every = model.embed_patches(imgs)  # [B, L, D]
+        kept = model.embed_patches_at(imgs, ids)  # [B, 5, D]
+    assert kept.shape == (2, 5, 32)
+    expected = torch.gather(every, 1, ids[..., None].expand(-1, -1, every.shape[-1]))
+    torch.testing.assert_close(kept, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_images_of_another_size_are_refused_in_one_line() -> None:
+    model = make_model()
+    with pytest.raises(ValueError, match="images are 40x40; this model takes 32x32"):
+        model(images(2, H=40, W=40), noise=noise())

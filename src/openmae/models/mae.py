@@ -140,9 +140,7 @@ class MaskedAutoencoder(VisionTransformer):
 
     def forward_encoder(self, imgs: torch.Tensor, masking: Masking) -> torch.Tensor:
         """Encode the visible patches only: `[B, C, H, W]` -> `[B, 1+K, D]` (cls first)."""
-        x = self.embed_patches(imgs)  # [B, L, D]
-        index = masking.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1])  # [B, K, D]
-        x = torch.gather(x, dim=1, index=index)  # [B, K, D]
+        x = self.embed_patches_at(imgs, masking.ids_keep)  # [B, K, D]: the hidden ones are never embedded
         return self.run_blocks(self.prepend_cls(x))
 
     def forward_decoder(self, latent: torch.Tensor, masking: Masking) -> torch.Tensor:

@@ -30,6 +30,28 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(B, h * w, P * P * C)
 
 
+def take_patches(imgs: torch.Tensor, patch_size: int, ids: torch.Tensor) -> torch.Tensor:
+    """The patches at grid positions `ids` of each image, flattened as a stride-P convolution's
+    weight is, (channel, row, column): the patch embedding's input. Only these patches are copied.
+
+    Args:
+        imgs: `[B, C, H, W]`, with H and W divisible by `patch_size`.
+        patch_size: side P of a square patch.
+        ids: `[B, K]` positions in the row-major grid of `(H/P) x (W/P)` patches.
+
+    Returns:
+        `[B, K, C*P*P]`.
+    """
+    B, C, H, W = imgs.shape
+    P = patch_size
+    if H % P or W % P:
+        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {P}")
+    h, w = H // P, W // P
+    grid = imgs.reshape(B, C, h, P, w, P).permute(0, 2, 4, 1, 3, 5)  # [B, h, w, C, P, P], a view
+    rows = torch.arange(B, device=imgs.device)[:, None]  # [B, 1]
+    return grid[rows, ids // w, ids % w].reshape(B, ids.shape[1], C * P * P)
+
+
 def unpatchify(patches: torch.Tensor, patch_size: int, grid_size: tuple[int, int]) -> torch.Tensor:
     """Inverse of :func:`patchify`.
 

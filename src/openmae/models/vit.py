@@ -13,9 +13,11 @@ from typing import Literal
 import torch
 from timm.layers import PatchEmbed, to_2tuple
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from openmae.models.layers import Block, LayerNorm, init_weights
+from openmae.models.patches import take_patches
 from openmae.models.pos_embed import sincos_2d
 
 GlobalPool = Literal["token", "avg"]
@@ -120,6 +122,20 @@ class VisionTransformer(nn.Module):
     def embed_patches(self, imgs: torch.Tensor) -> torch.Tensor:
         """`[B, C, H, W]` -> `[B, L, D]` patch tokens with their position embedding."""
         return self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
+
+    def embed_patches_at(self, imgs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """`[B, C, H, W]`, `[B, K]` grid positions -> `[B, K, D]`: the tokens `embed_patches` gives
+        at those positions, computed for those patches only. The embedding is a linear map of each
+        patch's pixels (timm's stride-P convolution, read here as a matrix), so the masked
+        autoencoder embeds the visible quarter of the patches alone."""
+        H, W = imgs.shape[-2:]
+        if (H, W) != tuple(self.patch_embed.img_size):
+            expected = "x".join(map(str, self.patch_embed.img_size))
+            raise ValueError(f"images are {H}x{W}; this model takes {expected}")
+        proj = self.patch_embed.proj
+        pixels = take_patches(imgs, self.patch_size, ids)  # [B, K, C*P*P]
+        tokens = F.linear(pixels, proj.weight.flatten(1), proj.bias)  # [B, K, D]
+        return tokens + self.pos_embed[0, 1:][ids]  # [B, K, D]
 
     def prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, N, D]` -> `[B, 1+N, D]`: the cls token (plus its zero position) in front."""
