@@ -107,12 +107,12 @@ def test_nested_rules_join_the_outer_hooks_and_leave_with_their_block():
     outer, inner = (lambda t: None), (lambda t: None)
     with recipes(outer):
         with recipes(inner):
-            assert saved._rules == [[outer, inner]]
-        assert saved._rules == [[outer]]
-    assert saved._rules == []
+            assert saved._open == [outer, inner]
+        assert saved._open == [outer]
+    assert saved._open is None
 
 
-def test_acceleration_rebuilds_casts_under_autocast_only_with_large_weights():
+def test_acceleration_rebuilds_casts_when_asked_under_autocast_with_large_weights():
     def rebuilding(precision: str, cfg: AccelConfig, model: nn.Module) -> bool:
         accel = Acceleration(cfg, torch.device("cpu"), precision)
         accel.install(model)
@@ -120,11 +120,11 @@ def test_acceleration_rebuilds_casts_under_autocast_only_with_large_weights():
         return accel.recast_weights
 
     large = nn.Linear(512, 512)  # 2^18 weights: the smallest that is rebuilt
-    default = AccelConfig(cache=False, allocator="system")
-    assert rebuilding("bf16", default, large)
-    assert not rebuilding("fp32", default, large)
-    assert not rebuilding("bf16", AccelConfig(cache=False, allocator="system", weight_casts="keep"), large)
-    assert not rebuilding("bf16", default, debug_model())  # nothing large enough: no hooks at all
+    asked = AccelConfig(cache=False, allocator="system", weight_casts="recompute")
+    assert rebuilding("bf16", asked, large)
+    assert not rebuilding("fp32", asked, large)
+    assert not rebuilding("bf16", AccelConfig(cache=False, allocator="system"), large)  # keep: the default
+    assert not rebuilding("bf16", asked, debug_model())  # nothing large enough: no hooks at all
     with pytest.raises(ValueError, match="accel.weight_casts"):
         AccelConfig(weight_casts="drop")
 

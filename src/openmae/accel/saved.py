@@ -43,26 +43,27 @@ class Recipe(NamedTuple):
 
 
 Rule = Callable[[torch.Tensor], Recipe | None]
-_rules: list[list[Rule]] = []  # one list per open hooks context, innermost last
+_open: list[Rule] | None = None  # the rules of the open hooks context; nested contexts add theirs
 
 
 @contextlib.contextmanager
 def recipes(*rules: Rule) -> Iterator[None]:
     """Within the block, a saved tensor that one of `rules` recognises is kept as its recipe."""
-    if _rules:  # the outer context's hooks are the ones autograd calls: lend them these rules
-        _rules[-1].extend(rules)
+    global _open
+    if _open is not None:  # the outer context's hooks are the ones autograd calls: lend them these rules
+        outer = _open
+        outer.extend(rules)
         try:
             yield
         finally:
-            del _rules[-1][-len(rules) :]
+            del outer[len(outer) - len(rules) :]
         return
-    frame = list(rules)
-    _rules.append(frame)
+    _open = list(rules)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, frame), _unpack):
+        with torch.autograd.graph.saved_tensors_hooks(functools.partial(_pack, _open), _unpack):
             yield
     finally:
-        _rules.pop()
+        _open = None
 
 
 def _pack(rules: list[Rule], saved: torch.Tensor) -> torch.Tensor | Recipe:

@@ -59,7 +59,7 @@ class EngineSpec:
 
 
 # The plain model: no openmae paths, the C allocator as the process found it.
-_STOCK = AccelConfig(attention="sdpa", gemm="native", allocator="system", weight_casts="keep", cache=False)
+_STOCK = AccelConfig(attention="sdpa", gemm="native", allocator="system", cache=False)
 ENGINES: dict[str, EngineSpec] = {
     spec.name: spec
     for spec in (
