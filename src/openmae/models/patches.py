@@ -10,6 +10,13 @@ from __future__ import annotations
 import torch
 
 
+def patch_grid(H: int, W: int, patch_size: int) -> tuple[int, int]:
+    """`(h, w)`: patches per column and per row of an `H x W` image (both must divide)."""
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {patch_size}")
+    return H // patch_size, W // patch_size
+
+
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Split images into flattened non-overlapping patches.
 
@@ -22,9 +29,7 @@ def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     """
     B, C, H, W = imgs.shape
     P = patch_size
-    if H % P or W % P:
-        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {P}")
-    h, w = H // P, W // P
+    h, w = patch_grid(H, W, P)
     x = imgs.reshape(B, C, h, P, w, P)
     x = x.permute(0, 2, 4, 3, 5, 1)  # [B, h, w, P, P, C]
     return x.reshape(B, h * w, P * P * C)
@@ -44,9 +49,7 @@ def take_patches(imgs: torch.Tensor, patch_size: int, ids: torch.Tensor) -> torc
     """
     B, C, H, W = imgs.shape
     P = patch_size
-    if H % P or W % P:
-        raise ValueError(f"image size {H}x{W} is not divisible by the patch size {P}")
-    h, w = H // P, W // P
+    h, w = patch_grid(H, W, P)
     grid = imgs.reshape(B, C, h, P, w, P).permute(0, 2, 4, 1, 3, 5)  # [B, h, w, C, P, P], a view
     rows = torch.arange(B, device=imgs.device)[:, None]  # [B, 1]
     return grid[rows, ids // w, ids % w].reshape(B, ids.shape[1], C * P * P)

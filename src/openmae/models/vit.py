@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from openmae.models.layers import Block, LayerNorm, init_weights
-from openmae.models.patches import take_patches
+from openmae.models.patches import patch_grid, take_patches
 from openmae.models.pos_embed import sincos_2d
 
 GlobalPool = Literal["token", "avg"]
@@ -40,9 +40,7 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         self.img_size = tuple(to_2tuple(self.img_size))
-        H, W = self.img_size
-        if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"image size {H}x{W} is not divisible by the patch size {self.patch_size}")
+        patch_grid(*self.img_size, self.patch_size)  # both sides divide, or a clear error
         if self.embed_dim % 4:
             raise ValueError(f"embed_dim must be divisible by 4 (2-D sin-cos), got {self.embed_dim}")
         if self.embed_dim % self.num_heads:
