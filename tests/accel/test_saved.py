@@ -144,3 +144,15 @@ def test_the_training_loop_rebuilds_casts_and_learns_the_same(every_weight):
         assert ("weight casts" in engine.paths()) is (casts == "recompute")
         losses[casts] = [engine.step().item() for _ in range(3)]
     assert losses["recompute"] == losses["keep"]
+
+
+def test_where_rebuilding_cannot_work_it_is_turned_off_with_a_line_in_the_report():
+    accel = Acceleration(
+        AccelConfig(cache=False, allocator="system", weight_casts="recompute"), "cpu", "bf16"
+    )
+    assert accel.recast_weights
+    accel.keep_weight_casts("under FSDP")
+    assert not accel.recast_weights and accel.autocast_cache
+    assert accel.report() == ["accel: weight_casts=recompute is off under FSDP; autocast keeps its casts"]
+    accel.keep_weight_casts("under torch.compile")  # already off: nothing more to say
+    assert accel.report() == []

@@ -132,7 +132,7 @@ class Acceleration:
         # With accel.gemm=auto the mode itself is measured: after a step whose shapes are all timed,
         # it stays only if what it saves exceeds what its dispatch costs ("on" / "off").
         self.gemm_mode = "on" if cfg.gemm == "fp32" else None
-        # Off under torch.compile, whose graphs do not take saved-tensor hooks (the loop clears it).
+        # Off under FSDP and torch.compile (the loop calls `keep_weight_casts`).
         self.recast_weights = cfg.weight_casts == "recompute" and precision in ("bf16", "fp16")
         self.steps = 0
         self.pending: list[str] = []
@@ -172,6 +172,12 @@ class Acceleration:
         if self.recast_weights:
             stack.enter_context(recipes(parameter_casts))
         return stack
+
+    def keep_weight_casts(self, why: str) -> None:
+        """Turn `weight_casts=recompute` off where it cannot work, and say so in the next report."""
+        if self.recast_weights:
+            self.pending.append(f"accel: weight_casts=recompute is off {why}; autocast keeps its casts")
+        self.recast_weights = False
 
     @property
     def autocast_cache(self) -> bool:
