@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-LOW_PRECISIONS = (torch.bfloat16, torch.float16)
+from openmae.accel.kernels import LOW_PRECISIONS
+
 # Weights below this size are left alone: each rebuild costs a call (tens of microseconds in
 # backward), and a 2^18-element weight's bf16 copy is only 512 KB. ViT-B/16's smallest matrix
 # (the decoder's 512 x 512 projection) is rebuilt; none of the tiny config's is.
@@ -112,7 +113,7 @@ def parameter_casts(saved: torch.Tensor) -> Recipe | None:
 
 def rebuilds_weights_of(model: torch.nn.Module) -> bool:
     """Whether `parameter_casts` would rebuild any of `model`'s weights (none: no hooks needed)."""
-    return any(p.numel() >= MIN_REBUILT_WEIGHT for p in model.parameters())
+    return any(p.requires_grad and p.numel() >= MIN_REBUILT_WEIGHT for p in model.parameters())
 
 
 def _cast(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
