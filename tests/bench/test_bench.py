@@ -188,3 +188,26 @@ def test_bench_workers_report_their_own_memory(tmp_path):
     for r in steps:
         assert r["memory_kind"] == "peak RSS"
         assert r["idle_memory_bytes"] < r["peak_memory_bytes"] < 8 * 2**30
+
+
+def test_a_slow_product_is_timed_once_per_layout():
+    # Native bf16 on a CPU without bf16 units takes seconds a product: the peak measurement must not
+    # repeat it (it took 4 minutes of a bench run on an AVX2 EPYC).
+    from torch.overrides import TorchFunctionMode
+
+    from openmae.bench.machine import _best_flops
+
+    class CountProducts(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.products = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.products += func is torch.Tensor.matmul  # what `x @ y` reaches a mode as
+            return func(*args, **(kwargs or {}))
+
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    for slow_s, products in ((float("inf"), 3 * 4), (0.0, 3)):
+        with CountProducts() as counter:
+            flops = _best_flops(a, b, repeats=3, device=torch.device("cpu"), slow_s=slow_s)
+        assert counter.products == products and 0 < flops < float("inf")

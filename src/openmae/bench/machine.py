@@ -56,9 +56,13 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _best_flops(a: torch.Tensor, b: torch.Tensor, repeats: int, device: torch.device) -> float:
+def _best_flops(
+    a: torch.Tensor, b: torch.Tensor, repeats: int, device: torch.device, slow_s: float = 0.5
+) -> float:
     """Best FLOP/s of the square product `a @ b`, over the three memory layouts a GEMM sees in
-    training (`a @ b`, `a @ b.T`, `a.T @ b`) and `repeats` timed runs after an untimed one."""
+    training (`a @ b`, `a @ b.T`, `a.T @ b`) and `repeats` timed runs after an untimed one. A
+    product slower than `slow_s` is timed once (its start-up is a small share of it): native bf16
+    on a CPU without bf16 units takes seconds a product, minutes in all if repeated."""
     n = a.shape[0]
     best = float("inf")
     for x, y in ((a, b), (a, b.t()), (a.t(), b)):
@@ -67,8 +71,11 @@ def _best_flops(a: torch.Tensor, b: torch.Tensor, repeats: int, device: torch.de
             x @ y
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if i:
-                best = min(best, time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            if i or seconds > slow_s:
+                best = min(best, seconds)
+            if seconds > slow_s:
+                break
     return 2 * n**3 / best
 
 
