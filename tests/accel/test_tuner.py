@@ -85,6 +85,21 @@ def test_the_real_timer_ranks_a_slow_candidate_last():
     assert seconds["fast"] < seconds["slow"]
 
 
+def test_a_hopeless_candidate_runs_once_untimed_and_once_timed():
+    calls = {"fast": 0, "slow": 0}
+
+    def run(name: str, work: int):
+        def once():
+            calls[name] += 1
+            sum(range(work))
+
+        return once
+
+    seconds = time_candidates({"fast": run("fast", 10), "slow": run("slow", 200_000)}, budget_s=0.05)
+    assert seconds["fast"] < seconds["slow"] / tuner_module.HOPELESS
+    assert calls["slow"] == 2 and calls["fast"] >= 4  # the fast one keeps its 3+ timed rounds
+
+
 def test_within_the_noise_the_plainer_candidate_wins():
     # "plain" is listed first: a rival 2% faster is noise, one 10% faster is not.
     assert (
