@@ -55,7 +55,7 @@ def test_the_gemm_mode_stays_only_where_it_saves_more_than_it_costs(monkeypatch,
         calls.append(func)
         return func(*args, **(kwargs or {}))
 
-    monkeypatch.setattr(gemm_module.Bf16Gemm, "__torch_dispatch__", counting)
+    monkeypatch.setattr(gemm_module.Bf16Gemm, "__torch_function__", counting)
     with accel.step():  # "off": the step runs without the mode at all
         torch.zeros(2) + 1
     assert bool(calls) == (mode == "on")

@@ -1,58 +1,110 @@
-"""bf16 matrix products on the CPU: native or as exact fp32 GEMMs, chosen per shape by measurement."""
+"""bf16 matrix products on the CPU: native or as exact fp32 GEMMs, chosen per call shape by measurement."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from openmae.accel import gemm as gemm_module
-from openmae.accel.gemm import Bf16Gemm, as_fp32
+from openmae.accel.gemm import Bf16Gemm, Product
+from openmae.accel.saved import parameter_casts, recipes
 from openmae.accel.tuner import Autotuner
 from openmae.models import create_model
+
+bf16 = torch.bfloat16
 
 
 class FavourTimer:
     def __init__(self, fastest: str) -> None:
-        self.fastest, self.keys = fastest, 0
+        self.fastest, self.keys = fastest, []
 
     def __call__(self, candidates):
-        self.keys += 1
+        self.keys.append(sorted(candidates))
         for run in candidates.values():
             run()
         return {name: 1.0 if name == self.fastest else 2.0 for name in candidates}
 
 
-def bf16(*shape, generator):
-    return torch.randn(*shape, generator=generator).to(torch.bfloat16)
+def rand(*shape, generator, dtype=bf16):
+    return torch.randn(*shape, generator=generator).to(dtype)
 
 
-def test_the_fp32_path_gives_the_products_of_fresh_widened_copies_rounded_once():
-    # Every product, with transposed operands and changing sizes (the workspace buffers are reused
-    # and regrown), equals the product of freshly widened copies rounded once: bitwise.
+def count_widened(monkeypatch) -> list[str]:
+    widened = []
+    original = Product.widened
+    monkeypatch.setattr(Product, "widened", lambda self: widened.append(self.kind) or original(self))
+    return widened
+
+
+def products(generator):
+    """(name, function, operands) of every kind of product the mode widens, with transposed operands."""
+    a, w = rand(6, 5, 16, generator=generator), rand(12, 16, generator=generator)
+    bias = rand(12, generator=generator)
+    q, k = rand(2, 3, 7, 8, generator=generator), rand(2, 3, 7, 8, generator=generator)
+    img, kernel = rand(2, 3, 8, 8, generator=generator), rand(4, 3, 4, 4, generator=generator)
+    return [
+        ("linear", lambda x, w, b: F.linear(x, w, b), [a, w, bias]),
+        ("linear, no bias", lambda x, w: F.linear(x, w), [a, w]),
+        ("matmul 4-d, transposed", lambda q, k: q @ k.transpose(-2, -1), [q, k]),
+        ("bmm", torch.bmm, [q[0], k[0].mT]),
+        ("mm, transposed", torch.mm, [a[0], w.t()]),
+        ("conv2d", lambda x, w, b: F.conv2d(x, w, b, stride=4), [img, kernel, rand(4, generator=generator)]),
+    ]
+
+
+def forward_and_grads(fn, operands, context):
+    leaves = [t.detach().clone().requires_grad_() for t in operands]
+    with context:
+        out = fn(*leaves)
+        out.backward(torch.ones_like(out))
+    return out, [t.grad for t in leaves]
+
+
+def test_the_fp32_path_is_the_product_of_widened_values_rounded_once_forward_and_backward():
+    # Forward: bitwise the fp32 product of the bf16 values, rounded once. Backward: every gradient is
+    # the fp32 product of bf16 values rounded once too, so it equals the native bf16 kernel's within
+    # one bf16 rounding (the native kernel rounds the same exact sums, in another order).
     generator = torch.Generator().manual_seed(0)
-    for m, k, n in [(8, 16, 4), (32, 8, 12), (8, 16, 4)]:
-        a, b, bias = (
-            bf16(m, k, generator=generator),
-            bf16(n, k, generator=generator).t(),
-            bf16(n, generator=generator),
-        )
-        a3, b3 = bf16(3, m, k, generator=generator), bf16(3, n, k, generator=generator).mT
-        bias3 = bf16(3, m, n, generator=generator)
-        cases = [
-            (torch.mm, (a, b), {}),
-            (torch.addmm, (bias, a, b), {"beta": 0.5, "alpha": 2.0}),
-            (torch.bmm, (a3, b3), {}),
-            (torch.baddbmm, (bias3, a3, b3), {}),
-        ]
-        for fn, args, kwargs in cases:
-            with Bf16Gemm(Autotuner(), path="fp32"):
-                out = fn(*args, **kwargs)
-            expected = fn(*(t.float() for t in args), **kwargs).to(torch.bfloat16)
-            assert out.dtype == torch.bfloat16 and torch.equal(out, expected), fn.__name__
+    for name, fn, operands in products(generator):
+        out, grads = forward_and_grads(fn, operands, Bf16Gemm(Autotuner(), path="fp32"))
+        expected = fn(*(t.float() for t in operands)).to(bf16)
+        assert out.dtype == bf16 and torch.equal(out, expected), name
+        native_out, native_grads = forward_and_grads(fn, operands, Bf16Gemm(Autotuner(), path="native"))
+        for grad, native in zip(grads, native_grads, strict=True):
+            assert grad.dtype == bf16 and grad.shape == native.shape, name
+            torch.testing.assert_close(grad.float(), native.float(), rtol=2e-2, atol=2e-2, msg=name)
+
+
+def test_under_autocast_fp32_weights_get_fp32_gradients_through_their_casts():
+    generator = torch.Generator().manual_seed(1)
+    x = rand(4, 16, generator=generator, dtype=torch.float32)
+    layer = torch.nn.Linear(16, 8)
+    grads = {}
+    for path in ("native", "fp32"):
+        layer.zero_grad(set_to_none=True)
+        with Bf16Gemm(Autotuner(), path=path):
+            with torch.autocast("cpu", dtype=bf16):
+                out = layer(x)
+            out.float().square().sum().backward()
+        assert out.dtype == bf16 and layer.weight.grad.dtype == torch.float32
+        grads[path] = layer.weight.grad.clone()
+    torch.testing.assert_close(grads["fp32"], grads["native"], rtol=2e-2, atol=2e-2)
+
+
+def test_fp32_products_and_broadcasting_pass_through(monkeypatch):
+    widened = count_widened(monkeypatch)
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    with Bf16Gemm(Autotuner(), path="fp32"):
+        a @ b  # fp32 outside autocast: not a bf16 product
+        torch.randn(2, 3, 8, 16, dtype=bf16) @ torch.randn(16, 4, dtype=bf16)  # broadcast: native
+        torch.randn(16, dtype=bf16) @ torch.randn(16, dtype=bf16)  # vectors: native
+        F.conv2d(torch.randn(1, 3, 8, 8, dtype=bf16), torch.randn(4, 3, 3, 3, dtype=bf16), padding="same")
+    assert widened == []
 
 
 def test_the_workspace_stops_growing_once_it_fits():
-    a, b = torch.randn(2, 64, 32, dtype=torch.bfloat16), torch.randn(2, 32, 16, dtype=torch.bfloat16)
+    a, b = torch.randn(2, 64, 32, dtype=bf16), torch.randn(2, 32, 16, dtype=bf16)
     with Bf16Gemm(Autotuner(), path="fp32"):
         torch.bmm(a, b)
         buffers = {name: t.data_ptr() for name, t in gemm_module.fp32_workspace().buffers.items()}
@@ -62,20 +114,23 @@ def test_the_workspace_stops_growing_once_it_fits():
 
 @pytest.mark.parametrize("fastest", ["native", "fp32"])
 def test_each_product_shape_takes_the_path_measured_fastest(fastest, monkeypatch):
-    widened = []
-    monkeypatch.setattr(
-        gemm_module, "as_fp32", lambda func, args, kwargs: widened.append(func) or as_fp32(func, args, kwargs)
-    )
+    widened = count_widened(monkeypatch)
     timer = FavourTimer(fastest)
     mode = Bf16Gemm(Autotuner(timer=timer))
-    a, b = torch.randn(8, 16, dtype=torch.bfloat16), torch.randn(16, 4, dtype=torch.bfloat16)
+    a = torch.randn(8, 16, dtype=bf16, requires_grad=True)
+    b = torch.randn(16, 4, dtype=bf16)
     with mode:
         first = a @ b
         widened.clear()
         second = a @ b  # measured already: one run of the chosen path
-        a.float() @ b.float()  # fp32 products pass through untouched
-    assert timer.keys == 1 and len(widened) == (1 if fastest == "fp32" else 0)
-    assert torch.equal(first, second) or fastest == "native"
+        (a @ b).sum().backward()
+        with torch.no_grad():
+            a @ b  # without gradients: another key, measured forward only
+    assert timer.keys == [["fp32", "native"], ["fp32", "native"]]
+    keys = list(mode.keys.values())
+    assert keys[0].endswith("fwd+bwd") and keys[1].endswith(" fwd")
+    assert len(widened) == (3 if fastest == "fp32" else 0)
+    assert torch.equal(first, second) and a.grad.shape == a.shape
 
 
 @pytest.mark.parametrize("path", ["native", "fp32"])
@@ -87,7 +142,7 @@ def test_a_model_trains_alike_on_either_forced_path(path):
     def loss_and_grads(context):
         model.zero_grad(set_to_none=True)
         with context:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast("cpu", dtype=bf16):
                 loss = model(imgs, noise=noise).loss
             loss.backward()
         return loss.detach().float(), torch.cat(
@@ -100,3 +155,27 @@ def test_a_model_trains_alike_on_either_forced_path(path):
     assert float((grads - ref_grads).norm() / ref_grads.norm()) < 3e-2
     with pytest.raises(ValueError, match="accel.gemm must be one of"):
         Bf16Gemm(Autotuner(), path="fp16")
+
+
+def test_widened_linears_keep_weight_casts_recomputable(monkeypatch):
+    # The widened linear receives autocast-style casts of its weights, so `weight_casts=recompute`
+    # recognises them: backward rebuilds them, and the gradients do not change at all.
+    monkeypatch.setattr("openmae.accel.saved.MIN_REBUILT_WEIGHT", 1)
+    rebuilt = []
+    cast = lambda p, dtype: rebuilt.append(p) or p.detach().to(dtype)
+    monkeypatch.setattr("openmae.accel.saved._cast", cast)
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+
+    def weight_grad(context):
+        layer.zero_grad(set_to_none=True)
+        with Bf16Gemm(Autotuner(), path="fp32"), context:
+            with torch.autocast("cpu", dtype=bf16):
+                out = layer(x)
+            out.float().sum().backward()
+        return layer.weight.grad.clone()
+
+    kept = weight_grad(recipes())
+    assert rebuilt == []
+    recast = weight_grad(recipes(parameter_casts))
+    assert any(p is layer.weight for p in rebuilt) and torch.equal(recast, kept)

@@ -32,8 +32,9 @@ def train_loss(run_dir) -> float:
 def test_bf16_training_takes_the_gemm_path_it_is_given_and_matches_fp32(tmp_path, monkeypatch):
     # Count the products computed as fp32 GEMMs, forward and backward, during short bf16 runs.
     widened = []
-    original = gemm_module.as_fp32
-    monkeypatch.setattr(gemm_module, "as_fp32", lambda f, a, k: widened.append(f) or original(f, a, k))
+    original = gemm_module.Product.widened
+    counting = lambda self: widened.append(self.kind) or original(self)
+    monkeypatch.setattr(gemm_module.Product, "widened", counting)
     overrides = ["model=mae_vit_debug", "data.dataset=synthetic", "data.synthetic_size=16", "epochs=1",
                  "data.num_workers=0", "batch_size=8", "vis_every=0", "optim.base_lr=0.01",
                  "optim.lr_scaling=linear"]  # fmt: skip

@@ -203,7 +203,7 @@ class Acceleration:
             self.gemm_mode = "on" if saved > overhead else "off"
             self.pending.append(
                 f"accel: bf16 GEMM dispatch {self.gemm_mode}: the measured paths save {1e3 * saved:.3g} ms "
-                f"a step, the mode costs {1e3 * overhead:.3g} ms ({census.ops} ops)"
+                f"a step, the mode costs {1e3 * overhead:.3g} ms ({census.ops} calls)"
             )
 
     def report(self) -> list[str]:

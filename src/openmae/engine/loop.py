@@ -172,7 +172,7 @@ class Trainer:
                 "under FSDP, which frees and gathers the weights between forward and backward"
             )
         if self.cfg.compile:
-            self.accel.gemm = None  # inductor compiles the step; dispatch modes do not mix with it
+            self.accel.gemm = None  # inductor compiles the step; Python function modes do not mix with it
             self.accel.keep_weight_casts("under torch.compile (its graphs take no saved-tensor hooks)")
             self.accel.install_residual(model)
             return self._ddp(torch.compile(model))
