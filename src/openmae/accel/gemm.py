@@ -13,7 +13,8 @@ How: `Bf16Gemm` is a torch function mode. It sees the Python-level calls of the 
 (`F.linear`, `@` / `matmul` / `bmm` / `mm`, `F.conv2d`) of any model, without changing its code,
 and runs a product it widens as one autograd function (`WidenedLinear`, `WidenedMatmul`,
 `WidenedConv2d`) whose backward computes its gradients as fp32 GEMMs too. Everything else passes
-through at the cost of one Python call per forward op; backward's own ops never pass through it.
+through at the cost of one Python call per op of forward (and of custom autograd functions'
+Python backward); autograd's built-in backward formulas never pass through it.
 Autocast's casts happen before the function, as autocast makes them (`x.to(bf16)`), so autograd
 sees the same graph of casts and products as with native products.
 """
