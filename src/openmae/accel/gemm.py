@@ -210,9 +210,14 @@ def _layout(x: torch.Tensor | None) -> tuple | None:
     return None if x is None else (tuple(x.shape), x.is_contiguous())
 
 
+def _transposed(x: torch.Tensor) -> bool:
+    """Whether `x` is a dense matrix (stack) read transposed, e.g. a weight's `.t()`."""
+    return x.dim() >= 2 and not x.is_contiguous() and x.mT.is_contiguous()
+
+
 def _random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random bf16 values shaped as `t`, transposed in its last two dims where `t` is."""
-    transposed = t.dim() >= 2 and not t.is_contiguous() and t.mT.is_contiguous()
+    transposed = _transposed(t)
     shape = (*t.shape[:-2], t.shape[-1], t.shape[-2]) if transposed else tuple(t.shape)
     out = torch.randn(shape, generator=generator).to(bf16)
     return (out.mT if transposed else out).requires_grad_(t.requires_grad)
@@ -341,8 +346,8 @@ class Fp32Workspace:
 
     def widen(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """`x` as fp32 in buffer `name`; a transposed matrix stays transposed (no reordering copy)."""
-        transposed = x.dim() >= 2 and not x.is_contiguous() and x.mT.is_contiguous()  # e.g. `.t()`
-        return self.buffer(name, tuple(x.shape), tuple(x.stride()) if transposed else None).copy_(x)
+        strides = tuple(x.stride()) if _transposed(x) else None
+        return self.buffer(name, tuple(x.shape), strides).copy_(x)
 
 
 _thread_state = threading.local()

@@ -93,7 +93,8 @@ def matmul_peak(device: torch.device, precision: Precision, size: int = 2048, re
 
     if precision == "fp32":
         a, b = square(size, torch.float32), square(size, torch.float32)
-        return {"peak": _best_flops(a, b, repeats, device), "fp32": _best_flops(a, b, repeats, device)}
+        flops = _best_flops(a, b, repeats, device)
+        return {"peak": flops, "fp32": flops}
     a, b = square(size, torch.bfloat16), square(size, torch.bfloat16)
     found = {"native": _best_flops(a, b, repeats, device)}
     if device.type == "cpu":
