@@ -84,7 +84,9 @@ def test_lr_follows_warmup_then_cosine_in_the_logs(tmp_path):
 
 def test_non_finite_losses_skip_steps_then_stop_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        MaskedAutoencoder, "forward_loss", staticmethod(lambda pred, target, mask: pred.sum() * float("nan"))
+        MaskedAutoencoder,
+        "forward_loss",
+        staticmethod(lambda pred, target, mask=None: pred.sum() * float("nan")),
     )
     with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(loop.NonFiniteLossError):
         run(tmp_path, "nan", "max_nonfinite=3")
@@ -96,7 +98,7 @@ def nan_on_steps(monkeypatch, steps: set[int]) -> None:
     original = MaskedAutoencoder.forward_loss
     counter = {"calls": 0}
 
-    def forward_loss(pred, target, mask):
+    def forward_loss(pred, target, mask=None):
         counter["calls"] += 1
         loss = original(pred, target, mask)
         return loss * float("nan") if counter["calls"] in steps else loss

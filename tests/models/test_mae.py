@@ -11,6 +11,7 @@ from torch import nn
 
 from openmae.interop import export_timm
 from openmae.models import MaskedAutoencoder, create_model, random_masking, sincos_2d
+from openmae.models.layers import take_tokens
 from openmae.models.patches import patchify, unpatchify
 
 
@@ -168,6 +169,49 @@ def test_mask_tokens_in_the_encoder() -> None:
     grad = model.encoder_mask_token.grad
     assert grad is not None and grad.abs().sum() > 0
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predicting the hidden patches only (what training asks for)
+
+
+def loss_and_gradients(model: MaskedAutoencoder, predict: str, **kwargs) -> tuple:
+    model.zero_grad(set_to_none=True)
+    out = model(images(4), noise=noise(4), predict=predict, **kwargs)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+@pytest.mark.parametrize("encoder_mask_tokens", [False, True])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_predicting_the_hidden_patches_only_gives_the_same_loss_and_gradients(
+    encoder_mask_tokens: bool, checkpointing: bool
+) -> None:
+    model = make_model(encoder_mask_tokens=encoder_mask_tokens).train()
+    model.set_grad_checkpointing(checkpointing)
+    every, every_grads = loss_and_gradients(model, "all")
+    hidden, hidden_grads = loss_and_gradients(model, "hidden")
+    ids_hidden = random_masking(noise(4), 0.75).ids_hidden  # [B, L-K]
+
+    assert hidden.pred.shape == (4, 12, 192)
+    torch.testing.assert_close(hidden.pred, take_tokens(every.pred, ids_hidden))
+    torch.testing.assert_close(hidden.loss, every.loss)
+    assert hidden_grads.keys() == every_grads.keys()
+    for name, grad in every_grads.items():
+        torch.testing.assert_close(hidden_grads[name], grad, msg=name)
+
+
+def test_predicting_the_hidden_patches_of_nothing_hidden_gives_zero_loss() -> None:
+    out = make_model()(images(), mask_ratio=0.0, predict="hidden")
+    assert out.pred.shape == (2, 0, 192) and out.loss.item() == 0.0
+
+
+def test_an_unknown_prediction_choice_and_a_decoder_without_blocks_are_refused() -> None:
+    with pytest.raises(ValueError, match="predict must be 'all' or 'hidden'"):
+        make_model()(images(), predict="visible")
+    with pytest.raises(ValueError, match="decoder_depth must be at least 1"):
+        make_model(decoder_depth=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -243,8 +243,10 @@ class BenchEngine:
 def step_flops(config: MAEConfig, mask_tokens: bool = False) -> int:
     """Matrix-multiply FLOPs of one training step's forward and backward pass, per image.
 
-    Counted by torch's FlopCounterMode on the openmae model (HF's does the same products), with
-    attention decomposed into matmuls so that it is counted too. The optimizer is not counted.
+    Counted by torch's FlopCounterMode on the openmae model predicting every patch, the products
+    HF's model does too (openmae's loop, predicting the hidden patches alone, skips 1-2% of them:
+    the same count for every engine makes images/s and GFLOP/s comparable), with attention
+    decomposed into matmuls so that it is counted too. The optimizer is not counted.
     """
     model = build_mae(replace(config, encoder_mask_tokens=mask_tokens))
     images = torch.randn(1, config.in_chans, *config.img_size)

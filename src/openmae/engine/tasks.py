@@ -35,7 +35,8 @@ class PretrainTask:
 
     def __call__(self, model: nn.Module, batch: tuple, device: torch.device) -> torch.Tensor:
         images, _, seeds = batch
-        return model(images.to(device, non_blocking=True), **self.masking(seeds, device)).loss
+        images = images.to(device, non_blocking=True)
+        return model(images, **self.masking(seeds, device), predict="hidden").loss
 
     def masking(self, seeds: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """`{"noise": [B, L]}` (random), `{"mask": [B, L]}` (block) or `{}` (grid: the model's own)."""

@@ -33,6 +33,8 @@ class MaskTokensInEncoder(MaskedAutoencoder):
         x = torch.where(hidden, self.encoder_mask_token + self.pos_embed[:, 1:, :], x)
         return self.run_blocks(self.prepend_cls(x))
 
-    def forward_decoder(self, latent: torch.Tensor, masking: Masking) -> torch.Tensor:
-        """`[B, 1+L, D]`, already in grid order -> `[B, L, P*P*C]`."""
-        return self.predict_pixels(self.decoder_embed(latent))
+    def forward_decoder(
+        self, latent: torch.Tensor, masking: Masking, patches: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`[B, 1+L, D]`, already in grid order -> `[B, L, P*P*C]` (or `[B, M, P*P*C]` at `patches`)."""
+        return self.predict_pixels(self.decoder_embed(latent), patches)

@@ -37,11 +37,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.kernel: Callable[[torch.Tensor], torch.Tensor] = sdpa_attention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, N, D]` -> `[B, N, D]`, or with `rows` (`[B, M]` token indices) the output at those
+        tokens alone, `[B, M, D]`: every token is still attended to, the projection runs on M rows."""
         B, N, D = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)  # [B, N, 3, heads, head_dim]
-        x = self.kernel(qkv)  # [B, N, heads, head_dim]
-        return self.proj(x.reshape(B, N, D))
+        x = self.kernel(qkv).reshape(B, N, D)  # [B, N, D]
+        if rows is not None:
+            x = take_tokens(x, rows)  # [B, M, D]
+        return self.proj(x)
 
 
 def sdpa_attention(qkv: torch.Tensor) -> torch.Tensor:
@@ -78,9 +82,17 @@ class Block(nn.Module):
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, D] -> [B, N, D]
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, N, D]` -> `[B, N, D]`, or with `rows` (`[B, M]` token indices) the output at those
+        tokens alone, `[B, M, D]`: attention reads all N tokens, the MLP runs on M rows."""
+        shortcut = x if rows is None else take_tokens(x, rows)  # [B, N or M, D]
+        x = shortcut + self.drop_path1(self.attn(self.norm1(x), rows))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def take_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`[B, N, D]` tokens, `[B, M]` indices -> `[B, M, D]`: row `ids[b, m]` of sample b."""
+    return torch.gather(x, dim=1, index=ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def init_weights(module: nn.Module) -> None:

@@ -13,11 +13,12 @@ and its encoder part into timm, unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
-from openmae.models.layers import Block, LayerNorm, init_weights
+from openmae.models.layers import Block, LayerNorm, init_weights, take_tokens
 from openmae.models.masking import (
     MASK_SAMPLINGS,
     Masking,
@@ -48,6 +49,8 @@ class MAEConfig(ViTConfig):
         num_kept(self.grid_size[0] * self.grid_size[1], self.mask_ratio)  # some patch stays visible
         if self.mask_sampling not in MASK_SAMPLINGS:
             raise ValueError(f"mask_sampling must be one of {MASK_SAMPLINGS}, got {self.mask_sampling!r}")
+        if self.decoder_depth < 1:
+            raise ValueError(f"decoder_depth must be at least 1, got {self.decoder_depth}")
         if self.decoder_embed_dim % 4 or self.decoder_embed_dim % self.decoder_num_heads:
             raise ValueError(
                 f"decoder_embed_dim {self.decoder_embed_dim} must be divisible by 4 and by "
@@ -61,7 +64,9 @@ class MAEOutput:
 
     Attributes:
         loss: scalar, mean squared error over the hidden patches.
-        pred: `[B, L, P*P*C]` predicted target (pixels or normalised pixels) for every patch.
+        pred: `[B, L, P*P*C]` predicted target (pixels or normalised pixels) for every patch, or
+            with `predict="hidden"` `[B, L-K, P*P*C]` for the hidden patches, in the order of
+            the masking's `ids_hidden`.
         mask: `[B, L]`, 1 = hidden (predicted), 0 = visible.
         ids_restore: `[B, L]` indices that undo the masking shuffle.
     """
@@ -143,35 +148,50 @@ class MaskedAutoencoder(VisionTransformer):
         x = self.embed_patches_at(imgs, masking.ids_keep)  # [B, K, D]: the hidden ones are never embedded
         return self.run_blocks(self.prepend_cls(x))
 
-    def forward_decoder(self, latent: torch.Tensor, masking: Masking) -> torch.Tensor:
-        """Predict every patch: `[B, 1+K, D]` -> `[B, L, P*P*C]`."""
+    def forward_decoder(
+        self, latent: torch.Tensor, masking: Masking, patches: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Predict every patch: `[B, 1+K, D]` -> `[B, L, P*P*C]`, or with `patches` only those."""
         x = self.decoder_embed(latent)  # [B, 1+K, Dd]
         x = torch.cat([x[:, :1], self.unshuffle_with_mask_tokens(x[:, 1:], masking)], dim=1)
-        return self.predict_pixels(x)
+        return self.predict_pixels(x, patches)
 
-    def predict_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        """The decoder's blocks over the full grid: `[B, 1+L, Dd]` (grid order) -> `[B, L, P*P*C]`."""
+    def predict_pixels(self, x: torch.Tensor, patches: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's blocks over the full grid: `[B, 1+L, Dd]` (grid order) -> `[B, L, P*P*C]`.
+
+        With `patches` (`[B, M]` grid positions) only those are predicted, `[B, M, P*P*C]`: the
+        last block still attends over every token, but its projection and MLP, the norm and the
+        head run on M rows, which is all the loss reads when `patches` are the hidden ones.
+        """
         x = x + self.decoder_pos_embed  # [B, 1+L, Dd]
-        for block in self.decoder_blocks:
+        *blocks, last = self.decoder_blocks
+        for block in blocks:
             x = self.run_block(block, x)
-        x = self.decoder_pred(self.decoder_norm(x))  # [B, 1+L, P*P*C]
-        return x[:, 1:]  # drop the cls token
+        if patches is None:
+            x = self.run_block(last, x)  # [B, 1+L, Dd]
+            return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # drop the cls token
+        x = self.run_block(last, x, patches + 1)  # [B, M, Dd]; token 0 is the cls token
+        return self.decoder_pred(self.decoder_norm(x))  # [B, M, P*P*C]
 
     def unshuffle_with_mask_tokens(self, visible: torch.Tensor, masking: Masking) -> torch.Tensor:
         """`[B, K, Dd]` visible tokens -> `[B, L, Dd]` in grid order, a mask token in every hole."""
         B, K, Dd = visible.shape
         L = masking.ids_restore.shape[1]
         shuffled = torch.cat([visible, self.mask_token.expand(B, L - K, Dd)], dim=1)  # [B, L, Dd]
-        index = masking.ids_restore.unsqueeze(-1).expand(-1, -1, Dd)  # [B, L, Dd]
-        return torch.gather(shuffled, dim=1, index=index)
+        return take_tokens(shuffled, masking.ids_restore)
 
     @staticmethod
-    def forward_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward_loss(
+        pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Mean squared error per patch, averaged over the hidden patches only.
 
-        `pred`, `target`: `[B, L, P*P*C]`; `mask`: `[B, L]`. With nothing hidden the loss is 0.
+        `pred`, `target`: `[B, L, P*P*C]`; `mask`: `[B, L]`, or None when every patch given is a
+        hidden one. With nothing hidden the loss is 0.
         """
         per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # [B, L]
+        if mask is None:
+            return per_patch.sum() / max(per_patch.numel(), 1)
         return (per_patch * mask).sum() / mask.sum().clamp(min=1)
 
     def forward(
@@ -181,6 +201,7 @@ class MaskedAutoencoder(VisionTransformer):
         noise: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        predict: Literal["all", "hidden"] = "all",
     ) -> MAEOutput:
         """Mask, encode, decode and score a batch `[B, C, H, W]`.
 
@@ -189,11 +210,20 @@ class MaskedAutoencoder(VisionTransformer):
             noise: `[B, L]` uniform noise for random masking (makes masking reproducible).
             mask: `[B, L]` explicit mask, 1 = hidden; every row must hide the same count.
             generator: random source for the configured sampler.
+            predict: "all" patches, or only the "hidden" ones the loss reads (training: the tail
+                of the decoder then runs on those rows alone); the loss is the same.
         """
         masking = self.choose_masking(imgs.shape[0], imgs.device, mask_ratio, noise, mask, generator)
         latent = self.forward_encoder(imgs, masking)
-        pred = self.forward_decoder(latent, masking)
-        loss = self.forward_loss(pred, self.reconstruction_target(imgs), masking.mask)
+        target = self.reconstruction_target(imgs)  # [B, L, P*P*C]
+        if predict == "all":
+            pred = self.forward_decoder(latent, masking)  # [B, L, P*P*C]
+            loss = self.forward_loss(pred, target, masking.mask)
+        elif predict == "hidden":
+            pred = self.forward_decoder(latent, masking, masking.ids_hidden)  # [B, L-K, P*P*C]
+            loss = self.forward_loss(pred, take_tokens(target, masking.ids_hidden))
+        else:
+            raise ValueError(f"predict must be 'all' or 'hidden', got {predict!r}")
         return MAEOutput(loss=loss, pred=pred, mask=masking.mask, ids_restore=masking.ids_restore)
 
 

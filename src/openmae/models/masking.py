@@ -25,11 +25,13 @@ class Masking:
 
     Attributes:
         ids_keep: `[B, K]` indices of the visible patches, in shuffled order.
+        ids_hidden: `[B, L-K]` indices of the hidden patches, in shuffled order.
         ids_restore: `[B, L]` indices that put a shuffled sequence back in grid order.
         mask: `[B, L]` float, 1 = removed, 0 = kept, in grid order.
     """
 
     ids_keep: torch.Tensor
+    ids_hidden: torch.Tensor
     ids_restore: torch.Tensor
     mask: torch.Tensor
 
@@ -58,7 +60,9 @@ def masking_from_ranking(ranking: torch.Tensor, keep: int) -> Masking:
     mask = torch.ones(B, L, device=ranking.device)
     mask[:, :keep] = 0
     mask = torch.gather(mask, dim=1, index=ids_restore)  # back to grid order
-    return Masking(ids_keep=ranking[:, :keep], ids_restore=ids_restore, mask=mask)
+    return Masking(
+        ids_keep=ranking[:, :keep], ids_hidden=ranking[:, keep:], ids_restore=ids_restore, mask=mask
+    )
 
 
 def random_masking(noise: torch.Tensor, mask_ratio: float) -> Masking:

@@ -146,11 +146,12 @@ class VisionTransformer(nn.Module):
             x = self.run_block(block, x)
         return self.norm(x)
 
-    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """One block; recomputed in the backward pass when gradient checkpointing is on."""
+    def run_block(self, block: nn.Module, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One block (its output at `rows` only, if given: see `Block`); recomputed in the
+        backward pass when gradient checkpointing is on."""
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, use_reentrant=False)
-        return block(x)
+            return checkpoint(block, x, rows, use_reentrant=False)
+        return block(x, rows)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """Encode a whole, unmasked image: `[B, C, H, W]` -> `[B, 1+L, D]` (cls first)."""
