@@ -39,6 +39,7 @@ def test_engines_start_from_the_same_weights_and_masks(precision):
         "hf_sdpa",
         "hf_eager_accel",
         "openmae_plain",
+        "openmae_predict_all",
         "openmae@attention=eager",
     ):
         losses[name] = float(BenchEngine(engine_spec(name), config, B, "cpu", precision).step())

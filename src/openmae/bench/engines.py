@@ -46,6 +46,8 @@ class EngineSpec:
         mask_tokens: the `MaskTokensInEncoder` baseline (the paper's slow design).
         accel: the loop's `accel.*` settings for this engine.
         compile: the loop's `compile=true`.
+        predict: what openmae's decoder predicts in training: "hidden" patches (the loop's
+            default) or "all" of them (what the reference and HF compute).
         about: one line for the results.
     """
 
@@ -55,6 +57,7 @@ class EngineSpec:
     mask_tokens: bool = False
     accel: AccelConfig = field(default_factory=lambda: AccelConfig(cache=False))
     compile: bool = False
+    predict: str = "hidden"
     about: str = ""
 
 
@@ -83,6 +86,12 @@ ENGINES: dict[str, EngineSpec] = {
         ),
         EngineSpec("openmae_plain", "openmae", accel=_STOCK, about="openmae's plain model: SDPA, autocast"),
         EngineSpec("openmae_compile", "openmae", compile=True, about="openmae + torch.compile (inductor)"),
+        EngineSpec(
+            "openmae_predict_all",
+            "openmae",
+            predict="all",
+            about="openmae, its decoder predicting every patch, as the reference's and HF's do",
+        ),
     )
 }
 HF_STOCK = ("hf_eager", "hf_sdpa")  # what an HF user gets: the bar for the targets
@@ -209,7 +218,7 @@ class BenchEngine:
         C, (H, W) = config.in_chans, config.img_size
         images = torch.randn(batch_size, C, H, W, generator=generator)  # [B, C, H, W]
         task_class = HFPretrainTask if spec.library == "hf" else PretrainTask
-        task = task_class(config.grid_size, config.mask_ratio)
+        task = task_class(config.grid_size, config.mask_ratio, predict=spec.predict)
         self.trainer = Trainer(
             model,
             task,

@@ -28,15 +28,22 @@ class PretrainTask:
     the rank or a resume in between.
     """
 
-    def __init__(self, grid_size: tuple[int, int], mask_ratio: float, sampling: str = "random") -> None:
+    def __init__(
+        self,
+        grid_size: tuple[int, int],
+        mask_ratio: float,
+        sampling: str = "random",
+        predict: str = "hidden",
+    ) -> None:
         self.grid_size = tuple(grid_size)
         self.mask_ratio = mask_ratio
         self.sampling = sampling
+        self.predict = predict  # "hidden": the decoder's tail runs at the patches the loss reads
 
     def __call__(self, model: nn.Module, batch: tuple, device: torch.device) -> torch.Tensor:
         images, _, seeds = batch
         images = images.to(device, non_blocking=True)
-        return model(images, **self.masking(seeds, device), predict="hidden").loss
+        return model(images, **self.masking(seeds, device), predict=self.predict).loss
 
     def masking(self, seeds: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
         """`{"noise": [B, L]}` (random), `{"mask": [B, L]}` (block) or `{}` (grid: the model's own)."""
