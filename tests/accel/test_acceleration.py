@@ -61,6 +61,18 @@ def test_the_gemm_mode_stays_only_where_it_saves_more_than_it_costs(monkeypatch,
     assert bool(calls) == (mode == "on")
 
 
+@pytest.mark.parametrize(("native_s", "advised"), [(8e-3, True), (0.5e-3, False)])
+def test_a_cpu_whose_products_are_all_slower_in_bf16_is_told_that_fp32_is_faster(
+    monkeypatch, native_s, advised
+):
+    accel = accel_with({"native": native_s, "fp32": 1e-3}, 1e-6, monkeypatch)
+    run_steps(accel, 3)
+    lines = accel.report()
+    assert ("precision=fp32 may well train faster" in " ".join(lines)) == advised
+    run_steps(accel, 3)
+    assert not any("precision=fp32" in line for line in accel.report())  # said once
+
+
 def test_a_resumed_run_keeps_the_decision(monkeypatch):
     first = accel_with({"native": 8e-3, "fp32": 1e-3}, 1e-6, monkeypatch)
     run_steps(first, 2)

@@ -103,6 +103,14 @@ class AccelConfig:
             )
 
 
+# Said once when every matrix product measured slower in native bf16 than as fp32 GEMMs (CPUs
+# without bf16 matrix units): bf16 then rounds the products' inputs and wins no time.
+NO_FASTER_BF16_PRODUCTS = (
+    "accel: no matrix product measured faster in native bf16 than in fp32 on this CPU: bf16 saves "
+    "memory here, not time, and precision=fp32 may well train faster"
+)
+
+
 class Acceleration:
     """The fast paths of one run on one device and precision.
 
@@ -205,6 +213,8 @@ class Acceleration:
                 f"accel: bf16 GEMM dispatch {self.gemm_mode}: the measured paths save {1e3 * saved:.3g} ms "
                 f"a step, the mode costs {1e3 * overhead:.3g} ms ({census.ops} calls)"
             )
+            if set(self.gemm.chosen.values()) == {"fp32"}:
+                self.pending.append(NO_FASTER_BF16_PRODUCTS)
 
     def report(self) -> list[str]:
         """Lines on the choices measured since the last report: one per attention shape, one for
