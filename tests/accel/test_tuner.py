@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -85,7 +86,8 @@ def test_the_real_timer_ranks_a_slow_candidate_last():
     assert seconds["fast"] < seconds["slow"]
 
 
-def test_a_hopeless_candidate_runs_once_untimed_and_once_timed():
+def test_a_hopeless_candidate_runs_once_untimed_and_once_timed(monkeypatch):
+    monkeypatch.setattr(tuner_module, "_first_runs_are_measurements", lambda: False)  # as on a GPU
     calls = {"fast": 0, "slow": 0}
 
     def run(name: str, work: int):
@@ -98,6 +100,23 @@ def test_a_hopeless_candidate_runs_once_untimed_and_once_timed():
     seconds = time_candidates({"fast": run("fast", 10), "slow": run("slow", 200_000)}, budget_s=0.05)
     assert seconds["fast"] < seconds["slow"] / tuner_module.HOPELESS
     assert calls["slow"] == 2 and calls["fast"] >= 4  # the fast one keeps its 3+ timed rounds
+
+
+@pytest.mark.parametrize(("trusted", "slow_runs"), [(True, 1), (False, 2)])
+def test_a_long_hopeless_first_run_is_a_measurement_on_a_cpu(monkeypatch, trusted, slow_runs):
+    monkeypatch.setattr(tuner_module, "_first_runs_are_measurements", lambda: trusted)
+    calls = {"fast": 0, "slow": 0}
+
+    def fast():
+        calls["fast"] += 1
+
+    def slow():
+        calls["slow"] += 1
+        time.sleep(2 * tuner_module.TRUSTED_FIRST_RUN_S)
+
+    seconds = time_candidates({"fast": fast, "slow": slow}, budget_s=0.01)
+    assert calls["slow"] == slow_runs and calls["fast"] >= 4
+    assert seconds["slow"] >= 2 * tuner_module.TRUSTED_FIRST_RUN_S > seconds["fast"]
 
 
 def test_within_the_noise_the_plainer_candidate_wins():

@@ -36,29 +36,49 @@ NOISE = 0.03
 # again (native bf16 products on a CPU without bf16 units take ~8x the fp32 path's time, up to a
 # second a run at ViT-B sizes).
 HOPELESS = 2.0
+# On a CPU a first (untimed) run this long is a measurement too: its first-call costs (allocation,
+# oneDNN primitive creation, about a millisecond) are lost in it, so a candidate whose first run
+# alone is HOPELESS times the shortest first run is not run again at all.
+TRUSTED_FIRST_RUN_S = 0.05
 
 
 def time_candidates(candidates: Candidates, budget_s: float = BUDGET_S) -> dict[str, float]:
     """Best seconds per run of each candidate: one untimed run each, then rounds that run every
     candidate once (so drift in the machine's speed is shared), until the budget is spent
     (3 to 20 rounds). The minimum is the least noisy estimate of what a run costs. A candidate
-    `HOPELESS` times slower than the fastest leaves the rounds after its first timed run."""
-    for run in candidates.values():
-        run()
+    `HOPELESS` times slower than the fastest leaves the rounds after its first timed run, or on a
+    CPU after its first run when that took `TRUSTED_FIRST_RUN_S` or more."""
+    first = {name: _seconds(run) for name, run in candidates.items()}
     best = dict.fromkeys(candidates, float("inf"))
     racing = dict(candidates)
+    if _first_runs_are_measurements():
+        shortest = min(first.values())
+        for name, seconds in first.items():
+            if seconds >= TRUSTED_FIRST_RUN_S and seconds > HOPELESS * shortest:
+                best[name] = seconds
+                del racing[name]
     started = time.perf_counter()
     for round_ in range(20):
         for name, run in racing.items():
-            start = time.perf_counter()
-            run()
-            hardware.synchronize()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], _seconds(run))
         fastest = min(best.values())
         racing = {name: run for name, run in racing.items() if best[name] <= HOPELESS * fastest}
         if round_ >= 2 and time.perf_counter() - started > budget_s:
             break
     return best
+
+
+def _seconds(run: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    run()
+    hardware.synchronize()
+    return time.perf_counter() - start
+
+
+def _first_runs_are_measurements() -> bool:
+    """Not where GPU work may be timed (CUDA initialised): a GPU's first call can load modules or
+    plan kernels for longer than the run itself."""
+    return not torch.cuda.is_initialized()
 
 
 @dataclass(frozen=True)
