@@ -194,7 +194,8 @@ def test_predicting_the_hidden_patches_only_gives_the_same_loss_and_gradients(
     hidden, hidden_grads = loss_and_gradients(model, "hidden")
     ids_hidden = random_masking(noise(4), 0.75).ids_hidden  # [B, L-K]
 
-    assert hidden.pred.shape == (4, 12, 192)
+    assert hidden.pred.shape == (4, 12, 192) and torch.equal(hidden.ids_hidden, ids_hidden)
+    assert torch.equal(hidden.mask.gather(1, ids_hidden), torch.ones(4, 12))
     torch.testing.assert_close(hidden.pred, take_tokens(every.pred, ids_hidden))
     torch.testing.assert_close(hidden.loss, every.loss)
     assert hidden_grads.keys() == every_grads.keys()

@@ -66,15 +66,17 @@ class MAEOutput:
         loss: scalar, mean squared error over the hidden patches.
         pred: `[B, L, P*P*C]` predicted target (pixels or normalised pixels) for every patch, or
             with `predict="hidden"` `[B, L-K, P*P*C]` for the hidden patches, in the order of
-            the masking's `ids_hidden`.
+            `ids_hidden`.
         mask: `[B, L]`, 1 = hidden (predicted), 0 = visible.
         ids_restore: `[B, L]` indices that undo the masking shuffle.
+        ids_hidden: `[B, L-K]` grid positions of the hidden patches.
     """
 
     loss: torch.Tensor
     pred: torch.Tensor
     mask: torch.Tensor
     ids_restore: torch.Tensor
+    ids_hidden: torch.Tensor
 
 
 class MaskedAutoencoder(VisionTransformer):
@@ -224,7 +226,13 @@ class MaskedAutoencoder(VisionTransformer):
             loss = self.forward_loss(pred, take_tokens(target, masking.ids_hidden))
         else:
             raise ValueError(f"predict must be 'all' or 'hidden', got {predict!r}")
-        return MAEOutput(loss=loss, pred=pred, mask=masking.mask, ids_restore=masking.ids_restore)
+        return MAEOutput(
+            loss=loss,
+            pred=pred,
+            mask=masking.mask,
+            ids_restore=masking.ids_restore,
+            ids_hidden=masking.ids_hidden,
+        )
 
 
 def build_mae(config: MAEConfig) -> MaskedAutoencoder:
