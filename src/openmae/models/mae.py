@@ -215,17 +215,17 @@ class MaskedAutoencoder(VisionTransformer):
             predict: "all" patches, or only the "hidden" ones the loss reads (training: the tail
                 of the decoder then runs on those rows alone); the loss is the same.
         """
+        if predict not in ("all", "hidden"):
+            raise ValueError(f"predict must be 'all' or 'hidden', got {predict!r}")
         masking = self.choose_masking(imgs.shape[0], imgs.device, mask_ratio, noise, mask, generator)
         latent = self.forward_encoder(imgs, masking)
         target = self.reconstruction_target(imgs)  # [B, L, P*P*C]
         if predict == "all":
             pred = self.forward_decoder(latent, masking)  # [B, L, P*P*C]
             loss = self.forward_loss(pred, target, masking.mask)
-        elif predict == "hidden":
+        else:
             pred = self.forward_decoder(latent, masking, masking.ids_hidden)  # [B, L-K, P*P*C]
             loss = self.forward_loss(pred, take_tokens(target, masking.ids_hidden))
-        else:
-            raise ValueError(f"predict must be 'all' or 'hidden', got {predict!r}")
         return MAEOutput(
             loss=loss,
             pred=pred,
