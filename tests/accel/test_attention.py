@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from openmae.accel import AccelConfig, Acceleration, uninstall
-from openmae.accel.attention import KEEP_PROBABILITIES, KERNELS, TunedAttention, candidates_for
-from openmae.accel.tuner import Autotuner
+from openmae.accel.attention import KEEP_PROBABILITIES, KERNELS, TunedAttention, candidates_for, timing_runs
+from openmae.accel.tuner import Autotuner, Scouted
 from openmae.models import create_model
 from openmae.models.layers import Attention, sdpa_attention
 
@@ -19,7 +19,7 @@ class FavourTimer:
         self.fastest = fastest
         self.seen: list[list[str]] = []
 
-    def __call__(self, candidates):
+    def __call__(self, candidates, keys_timed=None):
         self.seen.append(sorted(candidates))
         for run in candidates.values():
             run()  # the candidates must run on the shapes they are timed for
@@ -119,3 +119,14 @@ def test_lean_times_only_kernels_that_keep_no_probabilities_and_caches_apart_fro
     assert len(tuner.timer.seen) == 2
     with torch.no_grad():  # nothing is kept without backward: the full candidates, shared with auto
         assert TunedAttention(tuner, "lean").kernel_for(x) in KERNELS
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernels_with_native_low_precision_products_are_scouted_on_part_of_the_batch(dtype):
+    names = candidates_for(torch.device("cpu"), dtype)
+    runs = timing_runs(names, torch.randn(4, 17, 3, 3, 16).to(dtype), grad=True)
+    scouted = {name for name, run in runs.items() if isinstance(run, Scouted)}
+    assert scouted == ({"sdpa", "per_head"} if dtype == torch.bfloat16 else set())
+    for name in scouted:
+        assert runs[name].scale == 4.0  # one of the 4 images
+        runs[name].scout()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from openmae.accel import gemm as gemm_module
 from openmae.accel.gemm import Bf16Gemm, Product
 from openmae.accel.saved import parameter_casts, recipes
-from openmae.accel.tuner import Autotuner
+from openmae.accel.tuner import Autotuner, Scouted
 from openmae.models import create_model
 
 bf16 = torch.bfloat16
@@ -19,7 +19,7 @@ class FavourTimer:
     def __init__(self, fastest: str) -> None:
         self.fastest, self.keys = fastest, []
 
-    def __call__(self, candidates):
+    def __call__(self, candidates, keys_timed=None):
         self.keys.append(sorted(candidates))
         for run in candidates.values():
             run()
@@ -179,3 +179,39 @@ def test_widened_linears_keep_weight_casts_recomputable(monkeypatch):
     assert rebuilt == []
     recast = weight_grad(recipes(parameter_casts))
     assert any(p is layer.weight for p in rebuilt) and torch.equal(recast, kept)
+
+
+@pytest.mark.parametrize(
+    ("kind", "shapes", "scale", "cut"),
+    [
+        ("linear", [(4, 100, 16), (8, 16), (8,)], 25.0, [(16, 16), (8, 16), (8,)]),  # 400 rows -> 16
+        ("matmul", [(600, 16), (16, 8)], 600 / 16, [(16, 16), (16, 8)]),
+        ("matmul", [(6, 3, 7, 8), (6, 3, 8, 5)], 6.0, [(1, 3, 7, 8), (1, 3, 8, 5)]),  # a stack: one entry
+        ("conv2d", [(4, 3, 8, 8), (2, 3, 4, 4), (2,)], 4.0, [(1, 3, 8, 8), (2, 3, 4, 4), (2,)]),
+    ],
+)
+def test_a_native_product_is_sized_up_on_a_slice_of_its_work(kind, shapes, scale, cut):
+    operands = [torch.randn(*shape, dtype=bf16, requires_grad=True) for shape in shapes]
+    if kind == "matmul":
+        operands[1] = operands[1].detach().mT.contiguous().mT.requires_grad_()  # read transposed
+    product = Product(kind, operands, ((4, 4), (0, 0), (1, 1), 1) if kind == "conv2d" else ())
+    sliced, found = product.scout_operands(operands)
+    assert found == scale and [tuple(t.shape) for t in sliced] == cut
+    for full, part in zip(operands, sliced, strict=True):
+        leading = full.reshape(-1, full.shape[-1]) if kind == "linear" and full.dim() > 2 else full
+        assert torch.equal(part, leading[: part.shape[0]]) and part.requires_grad
+        assert gemm_module._transposed(part) == gemm_module._transposed(full)
+    with torch.autocast("cpu", dtype=bf16):
+        runs = product.timing_runs()
+    assert isinstance(runs["native"], Scouted) and runs["native"].scale == scale
+    runs["native"].scout()  # the same product, forward and backward, on the slice
+    assert not isinstance(runs["fp32"], Scouted)
+
+
+@pytest.mark.parametrize("rows", [12, 0])
+def test_a_product_of_few_rows_is_not_scouted(rows):
+    x, weight = torch.randn(rows, 16, dtype=bf16, requires_grad=True), torch.randn(8, 16, dtype=bf16)
+    product = Product("linear", [x, weight, None])
+    runs = product.timing_runs()
+    assert not isinstance(runs["native"], Scouted)
+    runs["native"]()

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from openmae.accel import tuner as tuner_module
-from openmae.accel.tuner import Autotuner, time_candidates
+from openmae.accel.tuner import Autotuner, Scouted, time_candidates
 
 
 class FakeTimer:
@@ -18,7 +18,7 @@ class FakeTimer:
         self.seconds = seconds
         self.calls = 0
 
-    def __call__(self, candidates):
+    def __call__(self, candidates, keys_timed=None):
         self.calls += 1
         return {name: self.seconds[name] for name in candidates}
 
@@ -129,3 +129,62 @@ def test_within_the_noise_the_plainer_candidate_wins():
         Autotuner(timer=FakeTimer({"plain": 1.0, "fast": 0.90})).choose("k", "b", runs("plain", "fast"))
         == "fast"
     )
+
+
+def counted(calls: dict[str, int], name: str, seconds: float = 0.0):
+    def once():
+        calls[name] = calls.get(name, 0) + 1
+        time.sleep(seconds)
+
+    return once
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+def test_a_scout_far_beyond_hopeless_spares_the_full_run_on_a_cpu(monkeypatch, trusted):
+    monkeypatch.setattr(tuner_module, "_first_runs_are_measurements", lambda: trusted)
+    calls: dict[str, int] = {}
+    # The scout does a tenth of the work: it estimates 10 x 0.03 s, far beyond hopeless against ~0 s.
+    slow = Scouted(counted(calls, "slow", 0.03), counted(calls, "scout", 0.03), scale=10)
+    seconds = time_candidates({"fast": counted(calls, "fast"), "slow": slow}, budget_s=0.01)
+    if trusted:
+        assert calls.get("slow", 0) == 0 and calls["scout"] == 1
+        assert seconds["slow"] >= 10 * 0.03  # the estimate stands for it
+    else:  # as on a GPU: no scouting, the candidate runs (once untimed, once timed)
+        assert calls["slow"] == 2 and "scout" not in calls
+    assert calls["fast"] >= 4
+
+
+def test_a_scout_that_cannot_rule_its_candidate_out_leads_to_a_full_run(monkeypatch):
+    monkeypatch.setattr(tuner_module, "_first_runs_are_measurements", lambda: True)
+    calls: dict[str, int] = {}
+    # Estimated at 10 x ~0 s: below what a first run must take to count as a measurement.
+    rival = Scouted(counted(calls, "rival"), counted(calls, "scout"), scale=10)
+    seconds = time_candidates({"plain": counted(calls, "plain"), "rival": rival}, budget_s=0.01)
+    assert calls["scout"] == 1 and calls["rival"] >= 4 and calls["plain"] >= 4
+    assert seconds["rival"] < tuner_module.TRUSTED_FIRST_RUN_S
+
+
+@pytest.mark.parametrize(("trusted", "runs"), [(True, 3), (False, 4)])
+def test_a_long_first_run_on_a_cpu_is_one_of_the_three_timed_runs(monkeypatch, trusted, runs):
+    monkeypatch.setattr(tuner_module, "_first_runs_are_measurements", lambda: trusted)
+    calls: dict[str, int] = {}
+    long = 1.2 * tuner_module.TRUSTED_FIRST_RUN_S
+    time_candidates({"a": counted(calls, "a", long), "b": counted(calls, "b", long)}, budget_s=0.01)
+    assert calls == {"a": runs, "b": runs}
+
+
+def test_a_first_run_that_timed_a_nested_choice_is_run_again(monkeypatch):
+    # An attention kernel's first run can meet new product shapes, which the same tuner times inside
+    # it; that time is not the kernel's and must not rule it out.
+    monkeypatch.setattr(tuner_module, "_first_runs_are_measurements", lambda: True)
+    tuner = Autotuner()
+    inner = {"x": lambda: time.sleep(0.02), "y": lambda: time.sleep(0.02)}
+    calls: dict[str, int] = {}
+
+    def nesting():
+        calls["nesting"] = calls.get("nesting", 0) + 1
+        tuner.choose("inner", "shape", lambda: inner)  # ~8 runs of 20 ms the first time only
+
+    outer = {"plain": lambda: time.sleep(0.02), "nesting": nesting}
+    assert tuner.choose("outer", "shape", lambda: outer) == "nesting"
+    assert tuner.measurements == 2 and calls["nesting"] >= 5  # run again, then raced

@@ -9,6 +9,7 @@ kernels itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -22,7 +23,7 @@ from openmae.accel.kernels import (
     per_head_fp32_attention,
     widened_flash_attention,
 )
-from openmae.accel.tuner import Autotuner, Candidates
+from openmae.accel.tuner import SCOUT_SHARE, Autotuner, Candidates, Scouted
 from openmae.models.layers import sdpa_attention
 
 KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -38,6 +39,10 @@ KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # backward (what the flash kernels keep: the output and log-sum-exp), for runs short of memory.
 ATTENTION_PATHS = ("auto", "lean", *KERNELS)
 KEEP_PROBABILITIES = ("eager", "eager_lowp", "per_head", "per_head_fp32")
+# Kernels whose low-precision products run natively whatever the bf16 GEMM path (inside one op, or
+# inside one autograd function): on a CPU without bf16 units one of their runs can take a tenth of a
+# second or more at ViT-B sizes, so they are sized up on a slice of the batch first (`Scouted`).
+NATIVE_LOWP_PRODUCTS = ("sdpa", "per_head")
 
 
 def candidates_for(device: torch.device, dtype: torch.dtype, lean: bool = False) -> list[str]:
@@ -96,10 +101,22 @@ def timing_runs(names: list[str], like: torch.Tensor, grad: bool) -> Candidates:
     grad_out = torch.randn(qkv.shape[:2] + qkv.shape[3:], generator=generator, device=like.device)
     grad_out = grad_out.to(like.dtype)
 
-    def run(kernel: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        out = kernel(qkv)
+    def run(kernel: Callable[[torch.Tensor], torch.Tensor], batch: int = qkv.shape[0]) -> None:
+        inputs = qkv if batch == qkv.shape[0] else qkv.detach()[:batch].requires_grad_(grad)
+        out = kernel(inputs)
         if grad:
             with torch.autocast(like.device.type, enabled=False):  # backward runs outside autocast
-                torch.autograd.grad(out, qkv, grad_out.to(out.dtype))
+                torch.autograd.grad(out, inputs, grad_out[:batch].to(out.dtype))
 
-    return {name: (lambda kernel=KERNELS[name]: run(kernel)) for name in names}
+    scout_batch = math.ceil(qkv.shape[0] / SCOUT_SHARE)
+    scouts = like.device.type == "cpu" and like.dtype in LOW_PRECISIONS and scout_batch < qkv.shape[0]
+
+    def candidate(kernel: Callable[[torch.Tensor], torch.Tensor], scouted: bool) -> Callable[[], None]:
+        def full() -> None:
+            run(kernel)
+
+        if not scouted:
+            return full
+        return Scouted(full, lambda: run(kernel, scout_batch), qkv.shape[0] / scout_batch)
+
+    return {name: candidate(KERNELS[name], scouts and name in NATIVE_LOWP_PRODUCTS) for name in names}

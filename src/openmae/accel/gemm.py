@@ -32,11 +32,14 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
-from openmae.accel.tuner import Autotuner, Candidates
+from openmae.accel.tuner import SCOUT_SHARE, Autotuner, Candidates, Scouted
 
 GEMM_PATHS = ("auto", "native", "fp32")
 
 bf16 = torch.bfloat16
+# A native product's scout runs about 1/SCOUT_SHARE of it and at least SCOUT_ROWS rows of a matrix
+# (or one entry of a stack of products or a batch of images).
+SCOUT_ROWS = 16
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # `x @ y` reaches a function mode as `Tensor.matmul`.
 _MATMULS = {torch.matmul, torch.bmm, torch.mm, torch.Tensor.matmul, torch.Tensor.bmm, torch.Tensor.mm}
@@ -153,18 +156,47 @@ class Product:
 
     def timing_runs(self) -> Candidates:
         """Forward (and backward, where the call needs it) of each path on random bf16 operands laid
-        out as this call's, from a private generator (timing draws nothing from the run's streams)."""
+        out as this call's, from a private generator (timing draws nothing from the run's streams).
+        The native path can be sized up first on a slice of the rows (`Scouted`): on a CPU without
+        bf16 units one native run can take seconds."""
         generator = torch.Generator().manual_seed(0)
         like = [None if t is None else _random_like(t, generator) for t in self.operands]
-        inputs = [t for t in like if t is not None and t.requires_grad] if self.wants_grad() else []
+        wants_grad = self.wants_grad()
 
-        def run(product: Callable) -> None:
-            out = product(*like, *self.options)
+        def run(product: Callable, operands: list[torch.Tensor | None]) -> None:
+            out = product(*operands, *self.options)
+            inputs = [t for t in operands if t is not None and t.requires_grad] if wants_grad else []
             if inputs:
                 with torch.autocast("cpu", enabled=False):  # backward runs outside autocast
                     torch.autograd.grad(out, inputs, torch.ones_like(out))
 
-        return {"native": lambda: run(NATIVE[self.kind]), "fp32": lambda: run(WIDENED[self.kind].apply)}
+        native, widened = NATIVE[self.kind], WIDENED[self.kind].apply
+
+        def native_run() -> None:
+            run(native, like)
+
+        sliced, scale = self.scout_operands(like)
+        scouted = Scouted(native_run, lambda: run(native, sliced), scale) if scale >= 2 else native_run
+        return {"native": scouted, "fp32": lambda: run(widened, like)}
+
+    def scout_operands(self, like: list[torch.Tensor | None]) -> tuple[list[torch.Tensor | None], float]:
+        """`like` cut to about 1/`SCOUT_SHARE` of the product's work (the leading rows of a linear's
+        or a matrix product's first operand, or the leading batch entries of stacked products and
+        convolutions), and the work's multiple of the cut's (1 when there is nothing to cut)."""
+        first, *rest = like
+        if self.kind == "linear":
+            first = first.reshape(-1, first.shape[-1])  # [M, K]
+        stacked = self.kind == "conv2d" or (self.kind == "matmul" and first.dim() > 2)
+        size = first.shape[0]
+        keep = math.ceil(size / SCOUT_SHARE)
+        if not stacked:
+            keep = min(size, max(SCOUT_ROWS, keep))
+        if keep == 0:  # an empty product (e.g. a decoder tail with no hidden patch)
+            return like, 1.0
+        cut = [_leading(first, keep)]
+        if self.kind == "matmul" and stacked:
+            cut.append(_leading(rest.pop(0), keep))  # the same leading dims
+        return [*cut, *rest], size / keep
 
 
 def _product(func, args: tuple, kwargs: dict) -> Product | None:
@@ -213,6 +245,11 @@ def _layout(x: torch.Tensor | None) -> tuple | None:
 def _transposed(x: torch.Tensor) -> bool:
     """Whether `x` is a dense matrix (stack) read transposed, e.g. a weight's `.t()`."""
     return x.dim() >= 2 and not x.is_contiguous() and x.mT.is_contiguous()
+
+
+def _leading(x: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` entries of `x` along dim 0, a fresh leaf of the same layout and grad need."""
+    return x.detach()[:count].requires_grad_(x.requires_grad)
 
 
 def _random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

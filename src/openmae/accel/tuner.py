@@ -23,8 +23,11 @@ import torch
 
 from openmae import hardware
 
-Candidates = dict[str, Callable[[], object]]  # name -> runs the work once
-Timer = Callable[[Candidates], dict[str, float]]  # -> seconds per run, per name
+Candidates = dict[str, Callable[[], object]]  # name -> runs the work once (or a `Scouted`)
+# Timers get the candidates and a count of the keys timed so far (`Autotuner.measurements`): a run
+# that raises it timed another key inside (a choice nested in it, e.g. the products inside an
+# attention kernel), so its seconds are not its own. They return seconds per run, per name.
+Timer = Callable[[Candidates, Callable[[], int]], dict[str, float]]
 
 BUDGET_S = 0.3  # timing budget per key; a candidate gets at least 3 timed runs whatever it costs
 # A candidate must beat the ones listed before it (the plainer paths come first) by more than this
@@ -33,37 +36,76 @@ NOISE = 0.03
 
 
 # A candidate this many times slower than the fastest after a timed round cannot win: it is not run
-# again (native bf16 products on a CPU without bf16 units take ~8x the fp32 path's time, up to a
-# second a run at ViT-B sizes).
+# again (native bf16 products on a CPU without bf16 units take 8-60x the fp32 path's time, up to
+# seconds a run at ViT-B sizes).
 HOPELESS = 2.0
 # On a CPU a first (untimed) run this long is a measurement too: its first-call costs (allocation,
 # oneDNN primitive creation, about a millisecond) are lost in it, so a candidate whose first run
 # alone is HOPELESS times the shortest first run is not run again at all.
 TRUSTED_FIRST_RUN_S = 0.05
+# A `Scouted` candidate whose scout, scaled up, estimates it this many times HOPELESS slower than the
+# shortest first run of the others is not run at all: an extrapolation, so a wider margin than a run's.
+SCOUT_MARGIN = 2.0
+# A scout runs about 1/SCOUT_SHARE of its candidate's work (a slice of a product's rows or a batch).
+SCOUT_SHARE = 256
 
 
-def time_candidates(candidates: Candidates, budget_s: float = BUDGET_S) -> dict[str, float]:
+@dataclass(frozen=True)
+class Scouted:
+    """A candidate that can be sized up on a slice of its work first: `scout` runs `1 / scale` of it
+    (e.g. a matrix product on a 64th of its rows). On a CPU, a candidate whose scout estimates it far
+    slower than the others' full runs is never run in full (a native bf16 product of ViT-B's decoder
+    MLP takes ~8 s forward and backward on a CPU without bf16 units; its scout ~0.1 s)."""
+
+    run: Callable[[], object]
+    scout: Callable[[], object]
+    scale: float
+
+    def __call__(self) -> object:
+        return self.run()
+
+
+def time_candidates(
+    candidates: Candidates, keys_timed: Callable[[], int] = lambda: 0, budget_s: float = BUDGET_S
+) -> dict[str, float]:
     """Best seconds per run of each candidate: one untimed run each, then rounds that run every
-    candidate once (so drift in the machine's speed is shared), until the budget is spent
-    (3 to 20 rounds). The minimum is the least noisy estimate of what a run costs. A candidate
-    `HOPELESS` times slower than the fastest leaves the rounds after its first timed run, or on a
-    CPU after its first run when that took `TRUSTED_FIRST_RUN_S` or more."""
-    first = {name: _seconds(run) for name, run in candidates.items()}
+    candidate once (so drift in the machine's speed is shared) until each has 3 timed runs and the
+    budget is spent (at most 20 rounds). The minimum is the least noisy estimate of what a run
+    costs. A candidate `HOPELESS` times slower than the fastest leaves the rounds.
+
+    On a CPU (`_first_runs_are_measurements`) a first run of `TRUSTED_FIRST_RUN_S` or more counts
+    as a timed run, and one `HOPELESS` times the shortest first run is not run again; a `Scouted`
+    candidate is sized up by its scout after the others' first runs, and an estimate `SCOUT_MARGIN`
+    times beyond hopeless stands for its runs. A first run that timed other keys inside
+    (`keys_timed` rose) is run again."""
+    trusted = _first_runs_are_measurements()
     best = dict.fromkeys(candidates, float("inf"))
-    racing = dict(candidates)
-    if _first_runs_are_measurements():
-        shortest = min(first.values())
+    scouted = {name: run for name, run in candidates.items() if trusted and isinstance(run, Scouted)}
+    first = {name: _own_seconds(run, keys_timed) for name, run in candidates.items() if name not in scouted}
+    for name, candidate in scouted.items():
+        estimate = candidate.scale * _own_seconds(candidate.scout, keys_timed)
+        shortest = min(first.values(), default=float("inf"))
+        if estimate >= TRUSTED_FIRST_RUN_S and estimate > SCOUT_MARGIN * HOPELESS * shortest:
+            best[name] = estimate
+        else:
+            first[name] = _own_seconds(candidate, keys_timed)
+    timed_runs = dict.fromkeys(first, 0)
+    if trusted:
         for name, seconds in first.items():
-            if seconds >= TRUSTED_FIRST_RUN_S and seconds > HOPELESS * shortest:
-                best[name] = seconds
-                del racing[name]
+            if seconds >= TRUSTED_FIRST_RUN_S:
+                best[name], timed_runs[name] = seconds, 1
+    shortest = min(first.values())
+    racing = {
+        name: candidates[name] for name in first if best[name] <= HOPELESS * shortest or not timed_runs[name]
+    }
     started = time.perf_counter()
-    for round_ in range(20):
+    for _ in range(20):
         for name, run in racing.items():
             best[name] = min(best[name], _seconds(run))
+            timed_runs[name] += 1
         fastest = min(best.values())
         racing = {name: run for name, run in racing.items() if best[name] <= HOPELESS * fastest}
-        if round_ >= 2 and time.perf_counter() - started > budget_s:
+        if min(timed_runs[name] for name in racing) >= 3 and time.perf_counter() - started > budget_s:
             break
     return best
 
@@ -73,6 +115,13 @@ def _seconds(run: Callable[[], object]) -> float:
     run()
     hardware.synchronize()
     return time.perf_counter() - start
+
+
+def _own_seconds(run: Callable[[], object], keys_timed: Callable[[], int]) -> float:
+    """Seconds of a run, run again when it timed other keys inside (their timing is not its cost)."""
+    before = keys_timed()
+    seconds = _seconds(run)
+    return _seconds(run) if keys_timed() != before else seconds
 
 
 def _first_runs_are_measurements() -> bool:
@@ -121,7 +170,10 @@ class Autotuner:
         if found is not None:
             return found
         built = candidates()
-        seconds = self.timer(built) if len(built) > 1 else dict.fromkeys(built, 0.0)
+        if len(built) > 1:
+            seconds = self.timer(built, lambda: self.measurements)
+        else:
+            seconds = dict.fromkeys(built, 0.0)
         fastest = min(seconds.values())
         choice = next(name for name in built if seconds[name] <= fastest * (1 + NOISE))
         self.choices[entry], self.seconds[entry] = choice, seconds
