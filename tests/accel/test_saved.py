@@ -148,8 +148,8 @@ def test_where_rebuilding_cannot_work_it_is_turned_off_with_a_line_in_the_report
         AccelConfig(cache=False, allocator="system", weight_casts="recompute"), "cpu", "bf16"
     )
     assert accel.recast_weights
-    accel.keep_weight_casts("under FSDP")
+    accel.keep_weight_recipes("under FSDP")
     assert not accel.recast_weights and accel.autocast_cache
     assert accel.report() == ["accel: weight_casts=recompute is off under FSDP; autocast keeps its casts"]
-    accel.keep_weight_casts("under torch.compile")  # already off: nothing more to say
+    accel.keep_weight_recipes("under torch.compile")  # already off: nothing more to say
     assert accel.report() == []

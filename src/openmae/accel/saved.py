@@ -6,7 +6,9 @@ anyway:
 - the bf16 (fp16) copy of an fp32 weight that autocast makes for each matrix product, which the
   product keeps for its input gradient: ViT-B/16 with the paper's decoder has 112M weights, 224 MB
   of bf16 copies held from forward until backward reaches each layer (`weight_casts=recompute`);
-- a GELU's output, which fc2 keeps for its weight gradient (`mlp=recompute`, `accel.mlp`).
+- a GELU's output, which fc2 keeps for its weight gradient (`mlp=recompute`, `accel.mlp`);
+- a layer norm's output, which the next product keeps for its weight gradient while the norm keeps
+  its input (`norm=recompute`, `accel.norms`).
 
 Inside `recipes(rule, ...)` a `saved_tensors_hooks` pair offers every tensor autograd saves to the
 rules; one that recognises it stores a `Recipe` (a source tensor, a function, the view's geometry)
@@ -81,7 +83,8 @@ def _unpack(packed: torch.Tensor | Recipe) -> torch.Tensor:
     if packed.source._version != packed.version:
         raise RuntimeError(
             "a tensor that backward rebuilds from a weight or an activation was changed in place "
-            "between forward and backward (set accel.weight_casts=keep and accel.mlp=plain to keep copies)"
+            "between forward and backward (set accel.weight_casts=keep, accel.mlp=plain and "
+            "accel.norm=keep to keep copies)"
         )
     with torch.no_grad():
         return packed.rebuild(packed.source).as_strided(packed.size, packed.stride, packed.offset)

@@ -244,6 +244,8 @@ class BenchEngine:
             paths["mlp"] = f"GELU recomputed in backward ({recomputing} MLPs)"
         if self.trainer.accel.recast_weights:
             paths["weight casts"] = "low-precision weights cast again in backward"
+        if self.trainer.accel.recompute_norms:
+            paths["norms"] = "layer-norm outputs computed again in backward"
         if self.device.type == "cpu":
             paths["cpu allocator"] = "retain freed memory" if allocator.retaining() else "system"
         return paths

@@ -168,12 +168,12 @@ class Trainer:
             if self.cfg.precision == "fp16":
                 raise ValueError("fsdp runs in fp32 or bf16 (the fp16 grad scaler does not see shards)")
             shard_model(model, self.optimizer, self.device)  # in place: self.model is sharded too
-            self.accel.keep_weight_casts(
+            self.accel.keep_weight_recipes(
                 "under FSDP, which frees and gathers the weights between forward and backward"
             )
         if self.cfg.compile:
             self.accel.gemm = None  # inductor compiles the step; Python function modes do not mix with it
-            self.accel.keep_weight_casts("under torch.compile (its graphs take no saved-tensor hooks)")
+            self.accel.keep_weight_recipes("under torch.compile (its graphs take no saved-tensor hooks)")
             self.accel.install_residual(model)
             return self._ddp(torch.compile(model))
         self.accel.install(model)

@@ -1,0 +1,136 @@
+"""Where a training step's memory peaks, for openmae engines that differ in what they keep for
+backward: each engine in fresh processes (alternating), the process's peak RSS and, from the
+profiler's memory events over one step, the live peak above the step's start and when it falls.
+
+    python benchmarks/bench_memory.py --engines openmae@attention=sdpa hf_sdpa \
+        openmae@attention=sdpa,norm=recompute
+
+Peak RSS is what a user sees and what `mae bench` reports; the live peak is what the step itself
+holds at its worst, which is what a GPU's caching allocator tracks. On a CPU the two can disagree:
+the C heap's high-water mark depends on fragmentation too. Writes
+benchmarks/results/memory_<config>_<precision>[_<tag>].md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from openmae import hardware
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = {"tiny": ("mae_vit_tiny_patch4_32", 128), "base": ("mae_vit_base_patch16", 8)}
+
+
+def measure(engine: str, model: str, batch: int, precision: str, steps: int) -> dict:
+    """In this process: warm up, time `steps` steps, then profile one for its live memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from openmae.bench.engines import BenchEngine, engine_spec
+    from openmae.models import model_config
+
+    bench = BenchEngine(engine_spec(engine), model_config(model), batch, "cpu", precision)
+    bench.step()
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        bench.step()
+        seconds.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        bench.step()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    live = peak = 0
+    peak_at = events[0][0] if events else 0
+    for at, nbytes in events:
+        live += nbytes
+        if live > peak:
+            peak, peak_at = live, at
+    span = (events[-1][0] - events[0][0]) if events else 1
+    return {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "live_peak_mb": peak / 2**20,
+        "live_peak_at": (peak_at - events[0][0]) / span if events else 0.0,
+        "step_s": statistics.median(seconds),
+    }
+
+
+def in_fresh_process(engine: str, model: str, batch: int, precision: str, steps: int, threads: int) -> dict:
+    command = [sys.executable, __file__, "--worker", engine, "--model", model, "--batch", str(batch)]
+    command += ["--precision", precision, "--steps", str(steps), "--threads", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{engine}: the worker failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def report(command: str, label: str, batch: int, precision: str, results: dict[str, list[dict]]) -> str:
+    lines = [
+        f"# Step memory: {label}, batch {batch}, {precision} ({date.today()})",
+        "",
+        f"- CPU: {hardware.describe_cpu()}; torch {torch.__version__}",
+        f"- Command: `python benchmarks/bench_memory.py {command}`",
+        "- Each engine in fresh processes, alternating; live peak: the most the step holds above what "
+        "it started with (profiler memory events of one step), and when in the step (0 = start, 1 = end)",
+        "",
+        "| engine | peak RSS MB (each process) | live peak MB (each) | live peak at | step s (median) |",
+        "|---|---|---|---|---|",
+    ]
+    for engine, runs in results.items():
+        rss = ", ".join(f"{r['peak_rss_mb']:.0f}" for r in runs)
+        live = ", ".join(f"{r['live_peak_mb']:.1f}" for r in runs)
+        at = ", ".join(f"{r['live_peak_at']:.2f}" for r in runs)
+        step = statistics.median(r["step_s"] for r in runs)
+        lines.append(f"| `{engine}` | {rss} | {live} | {at} | {step:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--engines", nargs="+", default=["openmae", "openmae@norm=recompute"])
+    parser.add_argument("--config", choices=sorted(MODELS), default="base")
+    parser.add_argument("--model", help="a registered model name instead of --config")
+    parser.add_argument("--batch", type=int, help="batch size (default: the config's)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes per engine")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up")
+    parser.add_argument("--threads", type=int, default=hardware.usable_cores())
+    parser.add_argument("--tag", default="", help="suffix of the results file")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the results file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one engine, in this process
+    args = parser.parse_args(argv)
+    model, batch = MODELS[args.config]
+    model, label = (args.model, args.model) if args.model else (model, args.config)
+    batch = args.batch or batch
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        print(json.dumps(measure(args.worker, model, batch, args.precision, args.steps)))
+        return 0
+    results: dict[str, list[dict]] = {engine: [] for engine in args.engines}
+    for _ in range(args.processes):
+        for engine in args.engines:
+            results[engine].append(
+                in_fresh_process(engine, model, batch, args.precision, args.steps, args.threads)
+            )
+    command = " ".join(sys.argv[1:] if argv is None else argv)
+    table = report(command, label, batch, args.precision, results)
+    print(table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"memory_{label}_{args.precision}{'_' + args.tag if args.tag else ''}.md"
+    path.write_text(table)
+    print(f"written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
