@@ -160,7 +160,8 @@ def test_a_scout_that_cannot_rule_its_candidate_out_leads_to_a_full_run(monkeypa
     # Estimated at 10 x ~0 s: below what a first run must take to count as a measurement.
     rival = Scouted(counted(calls, "rival"), counted(calls, "scout"), scale=10)
     seconds = time_candidates({"plain": counted(calls, "plain"), "rival": rival}, budget_s=0.01)
-    assert calls["scout"] == 1 and calls["rival"] >= 4 and calls["plain"] >= 4
+    # (Two no-ops race: either may leave the rounds as "hopeless" on timer jitter after one timed run.)
+    assert calls["scout"] == 1 and calls["rival"] >= 2 and calls["plain"] >= 2
     assert seconds["rival"] < tuner_module.TRUSTED_FIRST_RUN_S
 
 
@@ -169,8 +170,8 @@ def test_a_long_first_run_on_a_cpu_is_one_of_the_three_timed_runs(monkeypatch, t
     monkeypatch.setattr(tuner_module, "_first_runs_are_measurements", lambda: trusted)
     calls: dict[str, int] = {}
     long = 1.2 * tuner_module.TRUSTED_FIRST_RUN_S
-    time_candidates({"a": counted(calls, "a", long), "b": counted(calls, "b", long)}, budget_s=0.01)
-    assert calls == {"a": runs, "b": runs}
+    time_candidates({"only": counted(calls, "only", long)}, budget_s=0.01)  # alone: never hopeless
+    assert calls == {"only": runs}
 
 
 def test_a_first_run_that_timed_a_nested_choice_is_run_again(monkeypatch):
