@@ -14,64 +14,42 @@ benchmarks/results/memory_<config>_<precision>[_<tag>].md.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
-import subprocess
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
 import torch
 
 from openmae import hardware
+from openmae.bench.engines import engine_spec
+from openmae.bench.worker import ProcessWorker
+from openmae.models import model_config
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = {"tiny": ("mae_vit_tiny_patch4_32", 128), "base": ("mae_vit_base_patch16", 8)}
 
 
-def measure(engine: str, model: str, batch: int, precision: str, steps: int) -> dict:
-    """In this process: warm up, time `steps` steps, then profile one for its live memory."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from openmae.bench.engines import BenchEngine, engine_spec
-    from openmae.models import model_config
-
-    bench = BenchEngine(engine_spec(engine), model_config(model), batch, "cpu", precision)
-    bench.step()
-    seconds = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        bench.step()
-        seconds.append(time.perf_counter() - start)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        bench.step()
-    events = sorted(
-        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
-    )
-    live = peak = 0
-    peak_at = events[0][0] if events else 0
-    for at, nbytes in events:
-        live += nbytes
-        if live > peak:
-            peak, peak_at = live, at
-    span = (events[-1][0] - events[0][0]) if events else 1
+def measure(engine: str, model: str, batch: int, precision: str, steps: int, threads: int) -> dict:
+    """In a fresh worker process (`mae bench`'s): build (one step), time `steps` steps, read the
+    process's peak RSS, then profile one more step for its live memory."""
+    worker = ProcessWorker(threads)
+    try:
+        worker.call(
+            "build", spec=engine_spec(engine), config=model_config(model), batch_size=batch,
+            device="cpu", precision=precision, seed=0, fused_optimizer=True,
+        )  # fmt: skip
+        step_s = worker.call("run", steps=steps) / steps
+        peak_rss = worker.call("memory")["peak_bytes"]
+        live = worker.call("live_memory")
+    finally:
+        worker.close()
     return {
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "live_peak_mb": peak / 2**20,
-        "live_peak_at": (peak_at - events[0][0]) / span if events else 0.0,
-        "step_s": statistics.median(seconds),
+        "peak_rss_mb": peak_rss / 2**20,
+        "live_peak_mb": live["live_peak_bytes"] / 2**20,
+        "live_peak_at": live["live_peak_at"],
+        "step_s": step_s,
     }
-
-
-def in_fresh_process(engine: str, model: str, batch: int, precision: str, steps: int, threads: int) -> dict:
-    command = [sys.executable, __file__, "--worker", engine, "--model", model, "--batch", str(batch)]
-    command += ["--precision", precision, "--steps", str(steps), "--threads", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{engine}: the worker failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def report(command: str, label: str, batch: int, precision: str, results: dict[str, list[dict]]) -> str:
@@ -80,8 +58,9 @@ def report(command: str, label: str, batch: int, precision: str, results: dict[s
         "",
         f"- CPU: {hardware.describe_cpu()}; torch {torch.__version__}",
         f"- Command: `python benchmarks/bench_memory.py {command}`",
-        "- Each engine in fresh processes, alternating; live peak: the most the step holds above what "
-        "it started with (profiler memory events of one step), and when in the step (0 = start, 1 = end)",
+        "- Each engine in fresh worker processes, alternating; peak RSS before any profiling; live peak: "
+        "the most one more step holds above what it started with (profiler memory events), and when "
+        "in the step (0 = start, 1 = end)",
         "",
         "| engine | peak RSS MB (each process) | live peak MB (each) | live peak at | step s (median) |",
         "|---|---|---|---|---|",
@@ -103,25 +82,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, help="batch size (default: the config's)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--processes", type=int, default=3, help="fresh processes per engine")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per process, after the first")
     parser.add_argument("--threads", type=int, default=hardware.usable_cores())
     parser.add_argument("--tag", default="", help="suffix of the results file")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the results file")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # one engine, in this process
     args = parser.parse_args(argv)
     model, batch = MODELS[args.config]
     model, label = (args.model, args.model) if args.model else (model, args.config)
     batch = args.batch or batch
-    torch.set_num_threads(args.threads)
-    if args.worker:
-        print(json.dumps(measure(args.worker, model, batch, args.precision, args.steps)))
-        return 0
     results: dict[str, list[dict]] = {engine: [] for engine in args.engines}
     for _ in range(args.processes):
         for engine in args.engines:
-            results[engine].append(
-                in_fresh_process(engine, model, batch, args.precision, args.steps, args.threads)
-            )
+            results[engine].append(measure(engine, model, batch, args.precision, args.steps, args.threads))
     command = " ".join(sys.argv[1:] if argv is None else argv)
     table = report(command, label, batch, args.precision, results)
     print(table)

@@ -83,3 +83,23 @@ def profile_step(step: Callable[[], torch.Tensor], device: torch.device, steps: 
         "categories": [(label, s, s / wall) for label, s in ranked],
         "top_ops": [(name, s, s / wall) for name, s in top],
     }
+
+
+def live_memory_peak(step: Callable[[], torch.Tensor]) -> dict:
+    """The most one call of `step` holds above what it started with (the profiler's memory events),
+    and when in the step it peaks (0 = start, 1 = end): `{"live_peak_bytes", "live_peak_at"}`."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    if not events:
+        return {"live_peak_bytes": 0, "live_peak_at": 0.0}
+    live = peak = 0
+    peak_at = events[0][0]
+    for at, nbytes in events:
+        live += nbytes
+        if live > peak:
+            peak, peak_at = live, at
+    span = max(events[-1][0] - events[0][0], 1)
+    return {"live_peak_bytes": peak, "live_peak_at": (peak_at - events[0][0]) / span}

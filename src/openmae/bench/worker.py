@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from openmae.bench.engines import BenchEngine, EngineSpec
-from openmae.bench.profiling import profile_step
+from openmae.bench.profiling import live_memory_peak, profile_step
 from openmae.engine.precision import Precision
 from openmae.models import MAEConfig
 
@@ -97,6 +97,10 @@ class EngineServer:
     def do_profile(self, steps: int) -> dict:
         engine = self._built()
         return profile_step(engine.step, engine.device, steps)
+
+    def do_live_memory(self) -> dict:
+        """What one more step holds at its worst above its start, and when (see `live_memory_peak`)."""
+        return live_memory_peak(self._built().step)
 
     def do_paths(self) -> dict[str, str]:
         return self._built().paths()
