@@ -29,7 +29,7 @@ Candidates = dict[str, Callable[[], object]]  # name -> runs the work once (or a
 # attention kernel), so its seconds are not its own. They return seconds per run, per name.
 Timer = Callable[[Candidates, Callable[[], int]], dict[str, float]]
 
-BUDGET_S = 0.3  # timing budget per key; a candidate gets at least 3 timed runs whatever it costs
+BUDGET_S = 0.3  # timing budget per key; a candidate gets its timed runs (below) whatever they cost
 # A candidate must beat the ones listed before it (the plainer paths come first) by more than this
 # share to be chosen: smaller differences are the measuring noise, and the plain path wins them.
 NOISE = 0.03
@@ -39,6 +39,13 @@ NOISE = 0.03
 # again (native bf16 products on a CPU without bf16 units take 8-60x the fp32 path's time, up to
 # seconds a run at ViT-B sizes).
 HOPELESS = 2.0
+# After two timed runs, a candidate this many times slower than the fastest leaves the rounds too:
+# the best of two runs is past the machine's jitter, and a third run could only move it by that.
+CLEARLY_SLOWER = 1.25
+# Timed runs a candidate gets before the rounds may stop; runs of `TRUSTED_FIRST_RUN_S` or more
+# (tens of milliseconds: scheduling hiccups are averaged over within a run) get `LONG_TIMED_RUNS`.
+TIMED_RUNS = 3
+LONG_TIMED_RUNS = 2
 # On a CPU a first (untimed) run this long is a measurement too: its first-call costs (allocation,
 # oneDNN primitive creation, about a millisecond) are lost in it, so a candidate whose first run
 # alone is HOPELESS times the shortest first run is not run again at all.
@@ -69,31 +76,35 @@ def time_candidates(
     candidates: Candidates, keys_timed: Callable[[], int] = lambda: 0, budget_s: float = BUDGET_S
 ) -> dict[str, float]:
     """Best seconds per run of each candidate: one untimed run each, then rounds that run every
-    candidate once (so drift in the machine's speed is shared) until each has 3 timed runs and the
-    budget is spent (at most 20 rounds). The minimum is the least noisy estimate of what a run
-    costs. A candidate `HOPELESS` times slower than the fastest leaves the rounds.
+    candidate once (so drift in the machine's speed is shared) until each has `TIMED_RUNS` timed
+    runs (`LONG_TIMED_RUNS` when a run is long) and the budget is spent (at most 20 rounds). The
+    minimum is the least noisy estimate of what a run costs. A candidate `HOPELESS` times slower
+    than the fastest leaves the rounds, and so does one `CLEARLY_SLOWER` after two timed runs; the
+    rounds end when one candidate is left.
 
     On a CPU (`_first_runs_are_measurements`) a first run of `TRUSTED_FIRST_RUN_S` or more counts
     as a timed run, and one `HOPELESS` times the shortest first run is not run again; a `Scouted`
     candidate is sized up by its scout after the others' first runs, and an estimate `SCOUT_MARGIN`
     times beyond hopeless stands for its runs. A first run that timed other keys inside
-    (`keys_timed` rose) is run again."""
+    (`keys_timed` rose) is run again, and that second run is a timed one."""
     trusted = _first_runs_are_measurements()
     best = dict.fromkeys(candidates, float("inf"))
+    timed_runs = dict.fromkeys(candidates, 0)
     scouted = {name: run for name, run in candidates.items() if trusted and isinstance(run, Scouted)}
-    first = {name: _own_seconds(run, keys_timed) for name, run in candidates.items() if name not in scouted}
+    first: dict[str, float] = {}
+    for name, run in candidates.items():
+        if name not in scouted:
+            first[name], timed_runs[name] = _own_seconds(run, keys_timed)
     for name, candidate in scouted.items():
-        estimate = candidate.scale * _own_seconds(candidate.scout, keys_timed)
+        estimate = candidate.scale * _own_seconds(candidate.scout, keys_timed)[0]
         shortest = min(first.values(), default=float("inf"))
         if estimate >= TRUSTED_FIRST_RUN_S and estimate > SCOUT_MARGIN * HOPELESS * shortest:
             best[name] = estimate
         else:
-            first[name] = _own_seconds(candidate, keys_timed)
-    timed_runs = dict.fromkeys(first, 0)
-    if trusted:
-        for name, seconds in first.items():
-            if seconds >= TRUSTED_FIRST_RUN_S:
-                best[name], timed_runs[name] = seconds, 1
+            first[name], timed_runs[name] = _own_seconds(candidate, keys_timed)
+    for name, seconds in first.items():
+        if timed_runs[name] or (trusted and seconds >= TRUSTED_FIRST_RUN_S):
+            best[name], timed_runs[name] = seconds, 1
     shortest = min(first.values())
     racing = {
         name: candidates[name] for name in first if best[name] <= HOPELESS * shortest or not timed_runs[name]
@@ -104,10 +115,23 @@ def time_candidates(
             best[name] = min(best[name], _seconds(run))
             timed_runs[name] += 1
         fastest = min(best.values())
-        racing = {name: run for name, run in racing.items() if best[name] <= HOPELESS * fastest}
-        if min(timed_runs[name] for name in racing) >= 3 and time.perf_counter() - started > budget_s:
+        racing = {name: run for name, run in racing.items() if not _beaten(name, best, timed_runs, fastest)}
+        if len(racing) == 1:  # the rest are out: more runs of the leader cannot change the choice
+            break
+        timed_enough = all(timed_runs[name] >= _timed_runs_needed(best[name]) for name in racing)
+        if timed_enough and time.perf_counter() - started > budget_s:
             break
     return best
+
+
+def _beaten(name: str, best: dict[str, float], timed_runs: dict[str, int], fastest: float) -> bool:
+    """Whether a candidate's best time so far rules it out against the fastest."""
+    seconds = best[name]
+    return seconds > HOPELESS * fastest or (timed_runs[name] >= 2 and seconds > CLEARLY_SLOWER * fastest)
+
+
+def _timed_runs_needed(seconds: float) -> int:
+    return LONG_TIMED_RUNS if seconds >= TRUSTED_FIRST_RUN_S else TIMED_RUNS
 
 
 def _seconds(run: Callable[[], object]) -> float:
@@ -117,11 +141,13 @@ def _seconds(run: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def _own_seconds(run: Callable[[], object], keys_timed: Callable[[], int]) -> float:
-    """Seconds of a run, run again when it timed other keys inside (their timing is not its cost)."""
+def _own_seconds(run: Callable[[], object], keys_timed: Callable[[], int]) -> tuple[float, int]:
+    """Seconds of a first run and whether they are a timed run's (0 or 1): a first run that timed
+    other keys inside is run again (their timing is not its cost, and it ran cold), and a second
+    run is warm."""
     before = keys_timed()
     seconds = _seconds(run)
-    return _seconds(run) if keys_timed() != before else seconds
+    return (_seconds(run), 1) if keys_timed() != before else (seconds, 0)
 
 
 def _first_runs_are_measurements() -> bool:
