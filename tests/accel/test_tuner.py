@@ -147,7 +147,7 @@ def test_a_scout_far_beyond_hopeless_spares_the_full_run_on_a_cpu(monkeypatch, t
     slow = Scouted(counted(calls, "slow", 0.03), counted(calls, "scout", 0.03), scale=10)
     seconds = time_candidates({"fast": counted(calls, "fast"), "slow": slow}, budget_s=0.01)
     if trusted:
-        assert calls.get("slow", 0) == 0 and calls["scout"] == 1
+        assert calls.get("slow", 0) == 0 and calls["scout"] == 2  # a short cold scout runs again
         assert seconds["slow"] >= 10 * 0.03  # the estimate stands for it
     else:  # as on a GPU: no scouting, the candidate runs (once untimed, once timed)
         assert calls["slow"] == 2 and "scout" not in calls
@@ -247,3 +247,20 @@ def test_the_second_run_of_a_first_run_that_timed_a_nested_choice_is_a_timed_run
     # "nesting": a first run, a second (timed) one, two rounds. "plain" (long runs: 2 timed runs): on
     # a CPU its first run is timed too; as on a GPU it is not.
     assert calls == {"nesting": 4, "plain": 3}
+
+
+@pytest.mark.parametrize(
+    ("scout_s", "scout_runs", "full_runs"),
+    [
+        ([0.04, 0.001], 2, 4),  # cold 0.4 s estimated, warm 10 ms: no longer ruled out, raced in full
+        ([0.04, 0.04], 2, 0),  # warm as slow: ruled out
+        ([0.06, 0.001], 1, 0),  # a cold run of 50 ms or more is trusted: ruled out, not run again
+    ],
+)
+def test_a_short_cold_scout_that_would_rule_out_runs_again_warm(monkeypatch, scout_s, scout_runs, full_runs):
+    monkeypatch.setattr(tuner_module, "_seconds", lambda run: run())
+    monkeypatch.setattr(tuner_module, "_first_runs_are_measurements", lambda: True)
+    calls: dict[str, int] = {}
+    rival = Scouted(paced(calls, "rival", [0.01]), paced(calls, "scout", scout_s), scale=10)
+    time_candidates({"plain": paced(calls, "plain", [0.01]), "rival": rival}, budget_s=0.0)
+    assert calls["scout"] == scout_runs and calls.get("rival", 0) == full_runs

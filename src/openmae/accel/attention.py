@@ -23,7 +23,7 @@ from openmae.accel.kernels import (
     per_head_fp32_attention,
     widened_flash_attention,
 )
-from openmae.accel.tuner import SCOUT_SHARE, Autotuner, Candidates, Scouted
+from openmae.accel.tuner import Autotuner, Candidates, Scouted
 from openmae.models.layers import sdpa_attention
 
 KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -43,6 +43,11 @@ KEEP_PROBABILITIES = ("eager", "eager_lowp", "per_head", "per_head_fp32")
 # inside one autograd function): on a CPU without bf16 units one of their runs can take a tenth of a
 # second or more at ViT-B sizes, so they are sized up on a slice of the batch first (`Scouted`).
 NATIVE_LOWP_PRODUCTS = ("sdpa", "per_head")
+# Their scouts run an eighth of the batch (at least one image), not the 256th a product's scout
+# runs: a kernel is many small operations per image, and on a few images their fixed costs and idle
+# threads would be most of the scout's time, scaled up into an estimate several times too high
+# (SDPA bf16 of tiny's encoder, 128 images: one image estimated 71 ms for a 17 ms run, 16 images 20).
+SCOUT_BATCH_SHARE = 8
 
 
 def candidates_for(device: torch.device, dtype: torch.dtype, lean: bool = False) -> list[str]:
@@ -108,7 +113,7 @@ def timing_runs(names: list[str], like: torch.Tensor, grad: bool) -> Candidates:
             with torch.autocast(like.device.type, enabled=False):  # backward runs outside autocast
                 torch.autograd.grad(out, inputs, grad_out[:batch].to(out.dtype))
 
-    scout_batch = math.ceil(qkv.shape[0] / SCOUT_SHARE)
+    scout_batch = math.ceil(qkv.shape[0] / SCOUT_BATCH_SHARE)
     scouts = like.device.type == "cpu" and like.dtype in LOW_PRECISIONS and scout_batch < qkv.shape[0]
 
     def candidate(kernel: Callable[[torch.Tensor], torch.Tensor], scouted: bool) -> Callable[[], None]:

@@ -32,13 +32,14 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
-from openmae.accel.tuner import SCOUT_SHARE, Autotuner, Candidates, Scouted
+from openmae.accel.tuner import Autotuner, Candidates, Scouted
 
 GEMM_PATHS = ("auto", "native", "fp32")
 
 bf16 = torch.bfloat16
 # A native product's scout runs about 1/SCOUT_SHARE of it and at least SCOUT_ROWS rows of a matrix
 # (or one entry of a stack of products or a batch of images).
+SCOUT_SHARE = 256
 SCOUT_ROWS = 16
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 # `x @ y` reaches a function mode as `Tensor.matmul`.
