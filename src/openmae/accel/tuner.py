@@ -47,8 +47,9 @@ CLEARLY_SLOWER = 1.25
 TIMED_RUNS = 3
 LONG_TIMED_RUNS = 2
 # On a CPU a first (untimed) run this long is a measurement too: its first-call costs (allocation,
-# oneDNN primitive creation, about a millisecond) are lost in it, so a candidate whose first run
-# alone is HOPELESS times the shortest first run is not run again at all.
+# oneDNN primitive creation: a millisecond for a product, up to ~20 ms measured for a first attention
+# call) are a small part of it, so a candidate whose first run alone is HOPELESS times the shortest
+# first run is not run again at all.
 TRUSTED_FIRST_RUN_S = 0.05
 # A `Scouted` candidate whose scout, scaled up, estimates it this many times HOPELESS slower than the
 # shortest first run of the others is not run at all: an extrapolation, so a wider margin than a run's.
