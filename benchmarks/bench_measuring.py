@@ -22,7 +22,7 @@ import torch
 from openmae import hardware
 from openmae.accel.tuner import Autotuner
 from openmae.bench.engines import ENGINES, BenchEngine
-from openmae.bench.run import named_configs
+from openmae.bench.run import cpu_config, named_configs
 from openmae.models import model_config
 
 RESULTS = Path(__file__).parent / "results"
@@ -96,7 +96,7 @@ def report(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=["tiny", "base", "large"], default="base")
+    parser.add_argument("--config", choices=sorted(named_configs(torch.device("cpu"))), default="base")
     parser.add_argument("--model", help="a registered model name instead of --config (with --batch)")
     parser.add_argument("--batch", type=int, help="batch size (default: the config's)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
@@ -108,15 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps < 1:
         parser.error("--steps must be at least 1")
     torch.set_num_threads(args.threads)
-    named = named_configs(torch.device("cpu"))[args.config]
-    model, label = (args.model, args.model) if args.model else (named.model, args.config)
-    batch = args.batch or named.batch
-    seconds, tuner = run(model, batch, args.precision, args.steps)
+    config = cpu_config(args.config, args.model, args.batch)
+    seconds, tuner = run(config.model, config.batch, args.precision, args.steps)
     command = " ".join(sys.argv[1:] if argv is None else argv)
-    table = report(command, label, batch, args.precision, seconds, tuner)
+    table = report(command, config.label, config.batch, args.precision, seconds, tuner)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"measuring_cost_{label}_{args.precision}{'_' + args.tag if args.tag else ''}.md"
+    name = f"measuring_cost_{config.label}_{args.precision}{'_' + args.tag if args.tag else ''}.md"
     (args.out / name).write_text(table)
     print(f"written to {args.out / name}")
     return 0

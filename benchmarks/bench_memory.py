@@ -23,11 +23,11 @@ import torch
 
 from openmae import hardware
 from openmae.bench.engines import engine_spec
+from openmae.bench.run import cpu_config, named_configs
 from openmae.bench.worker import ProcessWorker
 from openmae.models import model_config
 
 RESULTS = Path(__file__).parent / "results"
-MODELS = {"tiny": ("mae_vit_tiny_patch4_32", 128), "base": ("mae_vit_base_patch16", 8)}
 
 
 def measure(engine: str, model: str, batch: int, precision: str, steps: int, threads: int) -> dict:
@@ -77,7 +77,7 @@ def report(command: str, label: str, batch: int, precision: str, results: dict[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", nargs="+", default=["openmae", "openmae@norm=recompute"])
-    parser.add_argument("--config", choices=sorted(MODELS), default="base")
+    parser.add_argument("--config", choices=sorted(named_configs(torch.device("cpu"))), default="base")
     parser.add_argument("--model", help="a registered model name instead of --config")
     parser.add_argument("--batch", type=int, help="batch size (default: the config's)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -87,18 +87,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="suffix of the results file")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder of the results file")
     args = parser.parse_args(argv)
-    model, batch = MODELS[args.config]
-    model, label = (args.model, args.model) if args.model else (model, args.config)
-    batch = args.batch or batch
+    config = cpu_config(args.config, args.model, args.batch)
     results: dict[str, list[dict]] = {engine: [] for engine in args.engines}
     for _ in range(args.processes):
         for engine in args.engines:
-            results[engine].append(measure(engine, model, batch, args.precision, args.steps, args.threads))
+            run = measure(engine, config.model, config.batch, args.precision, args.steps, args.threads)
+            results[engine].append(run)
     command = " ".join(sys.argv[1:] if argv is None else argv)
-    table = report(command, label, batch, args.precision, results)
+    table = report(command, config.label, config.batch, args.precision, results)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"memory_{label}_{args.precision}{'_' + args.tag if args.tag else ''}.md"
+    path = args.out / f"memory_{config.label}_{args.precision}{'_' + args.tag if args.tag else ''}.md"
     path.write_text(table)
     print(f"written to {path}")
     return 0

@@ -10,7 +10,7 @@ import torch
 from openmae.bench import main
 from openmae.bench.engines import ENGINES, BenchEngine, engine_spec, engines_for, step_flops
 from openmae.bench.profiling import category
-from openmae.bench.run import BenchOptions, _steps_per_repeat, _warm_up, named_configs
+from openmae.bench.run import BenchOptions, _steps_per_repeat, _warm_up, cpu_config, named_configs
 from openmae.models import model_config
 
 B = 4
@@ -212,3 +212,13 @@ def test_a_slow_product_is_timed_once_per_layout():
         with CountProducts() as counter:
             flops = _best_flops(a, b, repeats=3, device=torch.device("cpu"), slow_s=slow_s)
         assert counter.products == products and 0 < flops < float("inf")
+
+
+def test_a_benchmark_scripts_config_is_a_named_one_or_a_model_in_its_place():
+    base = named_configs(torch.device("cpu"))["base"]
+    assert cpu_config("base") == base
+    assert cpu_config("base", batch=4).batch == 4 and cpu_config("base", batch=4).model == base.model
+    custom = cpu_config("base", model="mae_vit_debug")
+    assert (custom.label, custom.model, custom.batch) == ("mae_vit_debug", "mae_vit_debug", base.batch)
+    with pytest.raises(ValueError):
+        cpu_config("base", model="mae_vit_nonexistent")

@@ -12,7 +12,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -269,3 +269,12 @@ def custom_config(model: str, batch: int, steps: int = 3) -> BenchConfig:
     """A configuration for any registered model and batch (`--model NAME --batch N`)."""
     model_config(model)  # unknown names fail here, with a suggestion
     return BenchConfig(model, model, batch, steps)
+
+
+def cpu_config(name: str, model: str | None = None, batch: int | None = None) -> BenchConfig:
+    """A benchmark script's `--config NAME` (a named CPU configuration), or `--model` in its place,
+    at `--batch` if given, else the named configuration's batch."""
+    named = named_configs(torch.device("cpu"))[name]
+    if model:
+        return custom_config(model, batch or named.batch)
+    return replace(named, batch=batch or named.batch)
