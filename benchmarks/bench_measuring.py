@@ -37,13 +37,13 @@ class StopwatchTuner(Autotuner):
         self.own_seconds: dict[str, tuple[float, str]] = {}  # entry -> (seconds, choice)
         self._inner = [0.0]  # per open measurement: seconds spent in keys measured inside it
 
-    def choose(self, kind, key, candidates):
+    def choose(self, kind, key, candidates, handicaps=None):
         entry = f"{kind}:{key}"
         if entry in self.choices:
             return self.choices[entry]
         self._inner.append(0.0)
         start = time.perf_counter()
-        choice = super().choose(kind, key, candidates)
+        choice = super().choose(kind, key, candidates, handicaps)
         seconds = time.perf_counter() - start
         inner = self._inner.pop()
         self._inner[-1] += seconds

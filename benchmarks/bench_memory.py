@@ -42,6 +42,7 @@ def measure(engine: str, model: str, batch: int, precision: str, steps: int, thr
         step_s = worker.call("run", steps=steps) / steps
         peak_rss = worker.call("memory")["peak_bytes"]
         live = worker.call("live_memory")
+        paths = worker.call("paths")
     finally:
         worker.close()
     return {
@@ -49,7 +50,14 @@ def measure(engine: str, model: str, batch: int, precision: str, steps: int, thr
         "live_peak_mb": live["live_peak_bytes"] / 2**20,
         "live_peak_at": live["live_peak_at"],
         "step_s": step_s,
+        "attention": attention_choices(paths),
     }
+
+
+def attention_choices(paths: dict[str, str]) -> str:
+    """The attention kernels the engine's tuner chose, per shape: `[B, N, 3, heads, head_dim] kernel`."""
+    chosen = [(key, name) for key, name in paths.items() if key.startswith("attention:")]
+    return "; ".join(f"[{key.split('[', 1)[1].split(']')[0]}] {name}" for key, name in chosen) or "-"
 
 
 def report(command: str, label: str, batch: int, precision: str, results: dict[str, list[dict]]) -> str:
@@ -62,15 +70,17 @@ def report(command: str, label: str, batch: int, precision: str, results: dict[s
         "the most one more step holds above what it started with (profiler memory events), and when "
         "in the step (0 = start, 1 = end)",
         "",
-        "| engine | peak RSS MB (each process) | live peak MB (each) | live peak at | step s (median) |",
-        "|---|---|---|---|---|",
+        "| engine | peak RSS MB (each process) | live peak MB (each) | live peak at | step s (median) "
+        "| attention chosen (each process, where they differ) |",
+        "|---|---|---|---|---|---|",
     ]
     for engine, runs in results.items():
         rss = ", ".join(f"{r['peak_rss_mb']:.0f}" for r in runs)
         live = ", ".join(f"{r['live_peak_mb']:.1f}" for r in runs)
         at = ", ".join(f"{r['live_peak_at']:.2f}" for r in runs)
         step = statistics.median(r["step_s"] for r in runs)
-        lines.append(f"| `{engine}` | {rss} | {live} | {at} | {step:.2f} |")
+        chosen = dict.fromkeys(r["attention"] for r in runs)
+        lines.append(f"| `{engine}` | {rss} | {live} | {at} | {step:.2f} | {' / '.join(chosen)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -132,3 +132,33 @@ def test_kernels_with_native_low_precision_products_are_scouted_on_part_of_the_b
     for name in scouted:
         assert runs[name].scale == scale  # an eighth of the images, at least one: 1 of 4, 3 of 20
         runs[name].scout()
+
+
+class SecondsTimer:
+    """A fake timer reporting the given seconds per kernel (10 s for the rest)."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+
+    def __call__(self, candidates, keys_timed=None):
+        return {name: self.seconds.get(name, 10.0) for name in candidates}
+
+
+@pytest.mark.parametrize(
+    ("per_head_s", "grad", "choice"),
+    [(0.9, True, "sdpa"), (0.7, True, "per_head"), (0.9, False, "per_head")],
+)
+def test_auto_takes_a_kernel_keeping_probabilities_only_when_a_quarter_faster(per_head_s, grad, choice):
+    # per_head keeps [B, heads, N, N] probabilities for backward, SDPA's flash kernel does not; without
+    # backward nothing is kept and the fastest wins.
+    accel = Acceleration(
+        AccelConfig(allocator="system", cache=False), torch.device("cpu"), "fp32",
+        tuner=Autotuner(timer=SecondsTimer({"sdpa": 1.0, "per_head": per_head_s})),
+    )  # fmt: skip
+    x = qkv().requires_grad_(grad)
+    assert accel.attention.kernel_for(x) == choice
+    (line,) = [line for line in accel.report() if line.startswith("accel: attention")]
+    assert line.startswith(
+        f"accel: attention cpu float32 [2, 17, 3, 3, 16] {'fwd+bwd' if grad else 'fwd'}: {choice}"
+    )
+    assert ("not 25% faster" in line) == (choice == "sdpa")

@@ -264,3 +264,44 @@ def test_a_short_cold_scout_that_would_rule_out_runs_again_warm(monkeypatch, sco
     rival = Scouted(paced(calls, "rival", [0.01]), paced(calls, "scout", scout_s), scale=10)
     time_candidates({"plain": paced(calls, "plain", [0.01]), "rival": rival}, budget_s=0.0)
     assert calls["scout"] == scout_runs and calls.get("rival", 0) == full_runs
+
+
+class FakeClock:
+    """`time.perf_counter` for the tuner, moved on by the runs a fake `_seconds` reports."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def run(self, run) -> float:
+        seconds = run()
+        self.now += seconds
+        return seconds
+
+
+@pytest.mark.parametrize(("cold_s", "runs"), [(0.001, 21), (0.5, 4)])
+def test_the_budget_counts_from_the_first_runs(monkeypatch, cold_s, runs):
+    # Two 1 ms candidates, "cold"'s first run takes `cold_s`. Within the 0.3 s budget both race all 20
+    # rounds; a first run that spent it leaves them the 3 timed runs they need, no more.
+    clock = FakeClock()
+    monkeypatch.setattr(tuner_module, "time", clock)
+    monkeypatch.setattr(tuner_module, "_seconds", clock.run)
+    monkeypatch.setattr(tuner_module, "_first_runs_are_measurements", lambda: False)  # cold is not hopeless
+    calls: dict[str, int] = {}
+    candidates = {"cold": paced(calls, "cold", [cold_s, 0.001]), "warm": paced(calls, "warm", [0.001])}
+    time_candidates(candidates, budget_s=0.3)
+    assert calls == {"cold": runs, "warm": runs}
+
+
+@pytest.mark.parametrize(("rival_s", "choice"), [(0.7, "rival"), (0.9, "plain"), (1.1, "plain")])
+def test_a_handicapped_candidate_is_chosen_only_when_faster_by_its_handicap(rival_s, choice):
+    timer = FakeTimer({"plain": 1.0, "rival": rival_s})
+    tuner = Autotuner(timer=timer)
+    assert tuner.choose("kind", "key", runs("plain", "rival"), handicaps={"rival": 0.25}) == choice
+    assert tuner.seconds_of("kind", "key") == {"plain": 1.0, "rival": rival_s}  # as measured
+    # Without a handicap 10% faster is past the noise.
+    assert Autotuner(timer=timer).choose("kind", "key", runs("plain", "rival")) == min(
+        timer.seconds, key=timer.seconds.get
+    )

@@ -22,13 +22,13 @@ import torch
 from torch import nn
 
 from openmae.accel.allocator import ALLOCATOR_CHOICES, retain_freed_memory
-from openmae.accel.attention import ATTENTION_PATHS, TunedAttention
+from openmae.accel.attention import ATTENTION_PATHS, KEEPING_PROBABILITIES_HANDICAP, TunedAttention
 from openmae.accel.gemm import GEMM_PATHS, Bf16Gemm, Census, dispatch_overhead_s
 from openmae.accel.mlp import MLP_CHOICES, recompute_mlps
 from openmae.accel.norms import NORM_CHOICES, norm_outputs, note_norm_inputs
 from openmae.accel.residual import RESIDUAL_CHOICES, lowp_residual
 from openmae.accel.saved import parameter_casts, rebuilds_weights_of, recipes
-from openmae.accel.tuner import Autotuner, default_cache_file
+from openmae.accel.tuner import NOISE, Autotuner, Measurement, default_cache_file
 from openmae.models.layers import Attention
 
 WEIGHT_CAST_CHOICES = ("recompute", "keep")
@@ -41,7 +41,8 @@ class AccelConfig:
     attention: str = field(
         default="auto",
         metadata={
-            "help": "attention kernel: auto (the fastest, measured per shape) | lean (the fastest of "
+            "help": "attention kernel: auto (the fastest, measured per shape; one that keeps the "
+            "attention probabilities for backward must be a quarter faster) | lean (the fastest of "
             "those that keep no attention probabilities for backward) | " + " | ".join(ATTENTION_PATHS[2:])
         },
     )
@@ -244,7 +245,7 @@ class Acceleration:
         measured = self.tuner.take_measured()
         lines, self.pending = self.pending, []
         lines += [
-            f"accel: attention {m.key}: {m.choice} ({_ranking(m.seconds)})"
+            f"accel: attention {m.key}: {m.choice} ({_ranking(m.seconds)}){_handicapped(m)}"
             for m in measured
             if m.kind == "attention"
         ]
@@ -273,6 +274,17 @@ class Acceleration:
         if mode is not None and self.cfg.gemm == "auto":
             self.gemm_mode = mode
         self.tuner.load_state_dict(choices)
+
+
+def _handicapped(measurement: Measurement) -> str:
+    """Why a kernel slower than the fastest was chosen: the faster ones keep the probabilities."""
+    seconds = measurement.seconds
+    if seconds[measurement.choice] <= min(seconds.values()) * (1 + NOISE):
+        return ""
+    return (
+        f"; the faster keep [B, heads, N, N] probabilities for backward and are not "
+        f"{KEEPING_PROBABILITIES_HANDICAP:.0%} faster (accel.attention=<kernel> forces one)"
+    )
 
 
 def _ranking(seconds: dict[str, float]) -> str:

@@ -3,8 +3,9 @@
 `TunedAttention` is set as `Attention.kernel` on every attention layer of a model. For each
 (device, dtype, qkv shape, with or without gradients) it times the candidate kernels of
 `openmae.accel.kernels`, forward and backward, on random inputs of that shape, and runs the
-fastest from then on. On a GPU there is one candidate, SDPA, which picks flash or memory-efficient
-kernels itself.
+fastest from then on; a kernel that keeps the `[B, heads, N, N]` probabilities for backward must be
+`KEEPING_PROBABILITIES_HANDICAP` faster than the others to be chosen. On a GPU there is one
+candidate, SDPA, which picks flash or memory-efficient kernels itself.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ KERNELS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 # backward (what the flash kernels keep: the output and log-sum-exp), for runs short of memory.
 ATTENTION_PATHS = ("auto", "lean", *KERNELS)
 KEEP_PROBABILITIES = ("eager", "eager_lowp", "per_head", "per_head_fp32")
+# Under "auto", a kernel that keeps the probabilities must be this share faster than one that does
+# not to be chosen. Attention is ~10% of a ViT-B step, so a quarter of it is ~2.5% of the step; the
+# fp32 probabilities of ViT-B's decoder at batch 8 are ~160 MB, 5% of the process (2.5 GB at batch
+# 128). Where they win clearly (tiny's decoder: per_head 2.5x faster than SDPA) they are still taken.
+KEEPING_PROBABILITIES_HANDICAP = 0.25
 # Kernels whose low-precision products run natively whatever the bf16 GEMM path (inside one op, or
 # inside one autograd function): on a CPU without bf16 units one of their runs can take a tenth of a
 # second or more at ViT-B sizes, so they are sized up on a slice of the batch first (`Scouted`).
@@ -90,7 +96,8 @@ class TunedAttention:
             key = f"{qkv.device.type} {str(qkv.dtype).removeprefix('torch.')} {list(qkv.shape)}"
             key += " fwd+bwd" if grad else " fwd"
             key += " lean" if lean else ""
-            name = self.tuner.choose("attention", key, lambda: timing_runs(names, qkv, grad))
+            handicaps = dict.fromkeys(KEEP_PROBABILITIES, KEEPING_PROBABILITIES_HANDICAP) if grad else {}
+            name = self.tuner.choose("attention", key, lambda: timing_runs(names, qkv, grad), handicaps)
             self.chosen[signature] = name
         return name
 

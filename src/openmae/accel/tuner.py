@@ -29,7 +29,9 @@ Candidates = dict[str, Callable[[], object]]  # name -> runs the work once (or a
 # attention kernel), so its seconds are not its own. They return seconds per run, per name.
 Timer = Callable[[Candidates, Callable[[], int]], dict[str, float]]
 
-BUDGET_S = 0.3  # timing budget per key; a candidate gets its timed runs (below) whatever they cost
+# Timing budget per key, first runs and scouts included: rounds past the timed runs a candidate needs
+# (below) run only while it lasts; those timed runs are made whatever they cost.
+BUDGET_S = 0.3
 # A candidate must beat the ones listed before it (the plainer paths come first) by more than this
 # share to be chosen: smaller differences are the measuring noise, and the plain path wins them.
 NOISE = 0.03
@@ -76,16 +78,17 @@ def time_candidates(
 ) -> dict[str, float]:
     """Best seconds per run of each candidate: one untimed run each, then rounds that run every
     candidate once (so drift in the machine's speed is shared) until each has `TIMED_RUNS` timed
-    runs (`LONG_TIMED_RUNS` when a run is long) and the budget is spent (at most 20 rounds). The
-    minimum is the least noisy estimate of what a run costs. A candidate `HOPELESS` times slower
-    than the fastest leaves the rounds, and so does one `CLEARLY_SLOWER` after two timed runs; the
-    rounds end when one candidate is left.
+    runs (`LONG_TIMED_RUNS` when a run is long) and the budget, counted from the first of the first
+    runs, is spent (at most 20 rounds). The minimum is the least noisy estimate of what a run costs.
+    A candidate `HOPELESS` times slower than the fastest leaves the rounds, and so does one
+    `CLEARLY_SLOWER` after two timed runs; the rounds end when one candidate is left.
 
     On a CPU (`_first_runs_are_measurements`) a first run of `TRUSTED_FIRST_RUN_S` or more counts
     as a timed run, and one `HOPELESS` times the shortest first run is not run again; a `Scouted`
     candidate is sized up by its scout after the others' first runs, and an estimate `SCOUT_MARGIN`
     times beyond hopeless stands for its runs. A first run that timed other keys inside
     (`keys_timed` rose) is run again, and that second run is a timed one."""
+    started = time.perf_counter()
     trusted = _first_runs_are_measurements()
     best = dict.fromkeys(candidates, float("inf"))
     timed_runs = dict.fromkeys(candidates, 0)
@@ -108,7 +111,6 @@ def time_candidates(
     racing = {
         name: candidates[name] for name in first if best[name] <= HOPELESS * shortest or not timed_runs[name]
     }
-    started = time.perf_counter()
     for _ in range(20):
         for name, run in racing.items():
             best[name] = min(best[name], _seconds(run))
@@ -171,6 +173,13 @@ def _first_runs_are_measurements() -> bool:
     return not torch.cuda.is_initialized()
 
 
+def _fastest(names: list[str], seconds: dict[str, float], handicaps: dict[str, float]) -> str:
+    """The first of `names` within `NOISE` of the fastest, each one's seconds raised by its handicap."""
+    weighed = {name: seconds[name] * (1 + handicaps.get(name, 0.0)) for name in names}
+    fastest = min(weighed.values())
+    return next(name for name in names if weighed[name] <= fastest * (1 + NOISE))
+
+
 @dataclass(frozen=True)
 class Measurement:
     """One timing: which candidate won for a key, and every candidate's seconds per run."""
@@ -203,9 +212,18 @@ class Autotuner:
             for entry, found in _read_cache(cache_file).items():
                 self.choices[entry], self.seconds[entry] = found["choice"], found.get("seconds", {})
 
-    def choose(self, kind: str, key: str, candidates: Callable[[], Candidates]) -> str:
+    def choose(
+        self,
+        kind: str,
+        key: str,
+        candidates: Callable[[], Candidates],
+        handicaps: dict[str, float] | None = None,
+    ) -> str:
         """The fastest candidate's name for `key` (the first listed among those within `NOISE` of the
-        fastest); `candidates` builds them, plainest first, only when timing is needed."""
+        fastest); `candidates` builds them, plainest first, only when timing is needed.
+
+        `handicaps` adds a share of its seconds to a candidate's before they are compared: what the
+        caller gives up in time to avoid it (e.g. 0.25: chosen only when a quarter faster)."""
         entry = f"{kind}:{key}"
         found = self.choices.get(entry)
         if found is not None:
@@ -215,8 +233,7 @@ class Autotuner:
             seconds = self.timer(built, lambda: self.measurements)
         else:
             seconds = dict.fromkeys(built, 0.0)
-        fastest = min(seconds.values())
-        choice = next(name for name in built if seconds[name] <= fastest * (1 + NOISE))
+        choice = _fastest(list(built), seconds, handicaps or {})
         self.choices[entry], self.seconds[entry] = choice, seconds
         self.measurements += 1
         self.measured.append(Measurement(kind, key, choice, seconds))
