@@ -10,10 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+import openmae.accel as accel_module
 import openmae.accel.saved as saved
 from openmae.accel import AccelConfig, Acceleration
 from openmae.accel.mlp import recompute_mlps
-from openmae.accel.saved import Recipe, parameter_casts, recipes
+from openmae.accel.saved import Recipe, cast_seconds, parameter_casts, recipes
 from openmae.engine.precision import autocast
 from openmae.models import create_model
 
@@ -120,7 +121,9 @@ def test_acceleration_rebuilds_casts_when_asked_under_autocast_with_large_weight
     asked = AccelConfig(cache=False, allocator="system", weight_casts="recompute")
     assert rebuilding("bf16", asked, large)
     assert not rebuilding("fp32", asked, large)
-    assert not rebuilding("bf16", AccelConfig(cache=False, allocator="system"), large)  # keep: the default
+    kept = AccelConfig(cache=False, allocator="system", weight_casts="keep")
+    assert not rebuilding("bf16", kept, large)
+    assert rebuilding("bf16", AccelConfig(cache=False, allocator="system"), large)  # auto: from the start
     assert not rebuilding("bf16", asked, debug_model())  # nothing large enough: no hooks at all
     with pytest.raises(ValueError, match="accel.weight_casts"):
         AccelConfig(weight_casts="drop")
@@ -153,3 +156,65 @@ def test_where_rebuilding_cannot_work_it_is_turned_off_with_a_line_in_the_report
     assert accel.report() == ["accel: weight_casts=recompute is off under FSDP; autocast keeps its casts"]
     accel.keep_weight_recipes("under torch.compile")  # already off: nothing more to say
     assert accel.report() == []
+
+
+class SteppingClock:
+    """`time.perf_counter` for `openmae.accel`: each read is `step_s` later than the one before."""
+
+    def __init__(self, step_s: float) -> None:
+        self.now, self.step_s = 0.0, step_s
+
+    def perf_counter(self) -> float:
+        self.now += self.step_s
+        return self.now
+
+
+@pytest.mark.parametrize(("cast_s", "rebuilt"), [(0.004, True), (0.02, False)])
+def test_auto_weight_casts_keep_rebuilding_only_while_it_costs_at_most_a_percent_of_a_step(
+    monkeypatch, cast_s, rebuilt
+):
+    # A step of 1 s: casting the weights once in 4 ms (0.4%) keeps them rebuilt, in 20 ms (2%) not.
+    monkeypatch.setattr(accel_module, "time", SteppingClock(1.0))
+    measured = []
+    monkeypatch.setattr(accel_module, "cast_seconds", lambda weights, dtype: measured.append(dtype) or cast_s)
+    accel = Acceleration(AccelConfig(cache=False, allocator="system", gemm="native"), "cpu", "bf16")
+    accel.install(nn.Linear(512, 512))
+    for _ in range(2):
+        accel.after_step()
+        assert accel.recast_weights and not measured  # rebuilt until the third step is timed
+    accel.after_step()
+    assert accel.recast_weights is rebuilt and measured == [torch.bfloat16]
+    (line,) = accel.report()
+    assert line.startswith(f"accel: weight casts {'rebuilt in backward' if rebuilt else 'kept for backward'}")
+    assert f"{cast_s:.1%} of a 1000 ms step" in line
+    for _ in range(3):
+        accel.after_step()
+    assert len(measured) == 1 and accel.report() == []  # decided once
+    # A resumed run takes the decision as it was, without measuring.
+    resumed = Acceleration(AccelConfig(cache=False, allocator="system", gemm="native"), "cpu", "bf16")
+    resumed.install(nn.Linear(512, 512))
+    resumed.load_state_dict(accel.state_dict())
+    for _ in range(3):
+        resumed.after_step()
+    assert resumed.recast_weights is rebuilt and len(measured) == 1
+
+
+def test_auto_weight_casts_measure_nothing_where_nothing_is_rebuilt(monkeypatch):
+    monkeypatch.setattr(accel_module, "cast_seconds", lambda weights, dtype: pytest.fail("measured"))
+    for precision, model in (("fp32", nn.Linear(512, 512)), ("bf16", debug_model())):
+        accel = Acceleration(AccelConfig(cache=False, allocator="system", gemm="native"), "cpu", precision)
+        accel.install(model)
+        for _ in range(3):
+            accel.after_step()
+        assert not accel.recast_weights and "weight casts" not in accel.state_dict()
+    under_fsdp = Acceleration(AccelConfig(cache=False, allocator="system", gemm="native"), "cpu", "bf16")
+    under_fsdp.install(nn.Linear(512, 512))
+    under_fsdp.keep_weight_recipes("under FSDP")
+    for _ in range(3):
+        under_fsdp.after_step()
+    assert not under_fsdp.recast_weights and under_fsdp.report() == []  # auto was not asked: no line
+
+
+def test_cast_seconds_times_the_casts():
+    weights = [nn.Parameter(torch.randn(512, 512)) for _ in range(2)]
+    assert 0 < cast_seconds(weights, torch.bfloat16) < 1

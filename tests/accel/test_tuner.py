@@ -305,3 +305,11 @@ def test_a_handicapped_candidate_is_chosen_only_when_faster_by_its_handicap(riva
     assert Autotuner(timer=timer).choose("kind", "key", runs("plain", "rival")) == min(
         timer.seconds, key=timer.seconds.get
     )
+
+
+def test_choices_made_under_other_rules_are_measured_again(tmp_path, monkeypatch):
+    cache = tmp_path / "autotune.json"
+    Autotuner(cache, timer=FakeTimer({"a": 1.0, "b": 2.0})).choose("kind", "key", runs("a", "b"))
+    monkeypatch.setattr(tuner_module, "CHOICE_RULES", tuner_module.CHOICE_RULES + 1)
+    timer = FakeTimer({"a": 2.0, "b": 1.0})
+    assert Autotuner(cache, timer=timer).choose("kind", "key", runs("a", "b")) == "b" and timer.calls == 1

@@ -16,22 +16,29 @@ process's C allocator to reuse freed memory (`allocator`).
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from openmae import hardware
 from openmae.accel.allocator import ALLOCATOR_CHOICES, retain_freed_memory
 from openmae.accel.attention import ATTENTION_PATHS, KEEPING_PROBABILITIES_HANDICAP, TunedAttention
 from openmae.accel.gemm import GEMM_PATHS, Bf16Gemm, Census, dispatch_overhead_s
 from openmae.accel.mlp import MLP_CHOICES, recompute_mlps
 from openmae.accel.norms import NORM_CHOICES, norm_outputs, note_norm_inputs
 from openmae.accel.residual import RESIDUAL_CHOICES, lowp_residual
-from openmae.accel.saved import parameter_casts, rebuilds_weights_of, recipes
+from openmae.accel.saved import cast_seconds, parameter_casts, rebuilt_weights, recipes
 from openmae.accel.tuner import NOISE, Autotuner, Measurement, default_cache_file
 from openmae.models.layers import Attention
 
-WEIGHT_CAST_CHOICES = ("recompute", "keep")
+WEIGHT_CAST_CHOICES = ("auto", "recompute", "keep")
+# Under weight_casts=auto backward casts the large weights again from the first step, and keeps doing
+# so if that costs at most this share of a step (measured once, on the third step: the first one
+# times the paths). ViT-B/16 under bf16: 224 MB of weight copies; their casts took ~20 ms, 0.4% of a
+# step on an AVX2 CPU and ~2.5% on an AVX512-BF16 one.
+RECAST_STEP_SHARE = 0.01
 
 
 @dataclass
@@ -81,11 +88,12 @@ class AccelConfig:
         },
     )
     weight_casts: str = field(
-        default="keep",
+        default="auto",
         metadata={
-            "help": "low-precision weight copies under autocast: keep (autocast's: cast once in forward "
-            "and kept for backward) | recompute (cast again from the fp32 weights in backward, "
-            "bit-identical; ViT-B/16: ~150 MB less peak memory for ~2-5% of a bf16 step on a CPU)"
+            "help": "low-precision weight copies under autocast: auto (recompute while that costs at "
+            "most 1% of a step, measured on the third step; keep otherwise) | keep (autocast's: cast "
+            "once in forward and kept for backward) | recompute (cast again from the fp32 weights in "
+            "backward, bit-identical; ViT-B/16: ~150 MB less peak memory for 0.4-5% of a bf16 step)"
         },
     )
     cache: bool = field(
@@ -156,7 +164,11 @@ class Acceleration:
         # it stays only if what it saves exceeds what its dispatch costs ("on" / "off").
         self.gemm_mode = "on" if cfg.gemm == "fp32" else None
         # Both off under FSDP and torch.compile (the loop calls `keep_weight_recipes`).
-        self.recast_weights = cfg.weight_casts == "recompute" and precision in ("bf16", "fp16")
+        self.cast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.recast_weights = cfg.weight_casts != "keep" and self.cast_dtype is not None
+        self.weight_casts_decided = cfg.weight_casts != "auto"  # auto: measured on the third step
+        self.rebuilt: list[nn.Parameter] = []  # the weights whose casts backward would rebuild
+        self.warm_step_started = 0.0
         self.recompute_norms = cfg.norm == "recompute"
         self.steps = 0
         self.pending: list[str] = []
@@ -171,7 +183,8 @@ class Acceleration:
         if self.recompute_norms:  # without a layer norm the rule would only cost its calls
             self.recompute_norms = bool(note_norm_inputs(model))
         # Without a weight large enough to rebuild, the hooks would only cost their calls.
-        self.recast_weights &= rebuilds_weights_of(model)
+        self.rebuilt = rebuilt_weights(model)
+        self.recast_weights &= bool(self.rebuilt)
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         for layer in layers:
             layer.kernel = self.attention
@@ -204,11 +217,12 @@ class Acceleration:
     def keep_weight_recipes(self, why: str) -> None:
         """Turn off what backward would rebuild from the weights (`weight_casts=recompute`,
         `norm=recompute`) where it cannot work, and say so in the next report."""
-        if self.recast_weights:
+        if self.recast_weights and self.cfg.weight_casts == "recompute":
             self.pending.append(f"accel: weight_casts=recompute is off {why}; autocast keeps its casts")
         if self.recompute_norms:
             self.pending.append(f"accel: norm=recompute is off {why}; the products keep the norms' outputs")
         self.recast_weights = self.recompute_norms = False
+        self.weight_casts_decided = True
 
     @property
     def autocast_cache(self) -> bool:
@@ -217,11 +231,17 @@ class Acceleration:
         return not self.recast_weights
 
     def after_step(self) -> None:
-        """The training loop calls this after every optimizer step: the second step is counted
-        (the first one timed the shapes), and the mode is kept or dropped after it."""
+        """The training loop calls this after every optimizer step: the bf16 GEMM mode is kept or
+        dropped after the second step (the first one timed the shapes), and under `weight_casts=auto`
+        what rebuilding the weight casts costs is weighed against the third."""
+        self.steps += 1
+        self.decide_gemm_mode()
+        self.decide_weight_casts()
+
+    def decide_gemm_mode(self) -> None:
+        """Count the second step's GEMM dispatch calls, and keep the mode if its products save more."""
         if self.gemm is None or self.gemm_mode is not None:
             return
-        self.steps += 1
         if self.steps == 1:
             self.gemm.census = Census()
         elif self.steps == 2:
@@ -238,6 +258,29 @@ class Acceleration:
             )
             if set(self.gemm.chosen.values()) == {"fp32"}:
                 self.pending.append(NO_FASTER_BF16_PRODUCTS)
+
+    def decide_weight_casts(self) -> None:
+        """Under `weight_casts=auto`: time the third step, and keep rebuilding the weight casts in
+        backward only if casting the weights once costs at most `RECAST_STEP_SHARE` of it. The two
+        waits for the device here are the only ones of the run."""
+        if self.weight_casts_decided or not self.recast_weights:
+            return
+        if self.steps == 2:
+            hardware.synchronize()
+            self.warm_step_started = time.perf_counter()
+        elif self.steps == 3:
+            hardware.synchronize()
+            step_s = time.perf_counter() - self.warm_step_started
+            cast_s = cast_seconds(self.rebuilt, self.cast_dtype)
+            self.recast_weights = cast_s <= RECAST_STEP_SHARE * step_s
+            self.weight_casts_decided = True
+            verdict = "rebuilt in backward" if self.recast_weights else "kept for backward"
+            self.pending.append(
+                f"accel: weight casts {verdict}: "
+                f"casting the {len(self.rebuilt)} large weights again costs {1e3 * cast_s:.3g} ms, "
+                f"{cast_s / step_s:.1%} of a {1e3 * step_s:.4g} ms step (auto rebuilds them up to "
+                f"{RECAST_STEP_SHARE:.0%})"
+            )
 
     def report(self) -> list[str]:
         """Lines on the choices measured since the last report: one per attention shape, one for
@@ -265,6 +308,8 @@ class Acceleration:
         state = self.tuner.state_dict()
         if self.gemm is not None and self.gemm_mode is not None:
             state["bf16 gemm:dispatch"] = self.gemm_mode
+        if self.cfg.weight_casts == "auto" and self.weight_casts_decided and self.rebuilt:
+            state["weight casts"] = "recompute" if self.recast_weights else "keep"
         return state
 
     def load_state_dict(self, choices: dict[str, str]) -> None:
@@ -273,6 +318,10 @@ class Acceleration:
         mode = choices.pop("bf16 gemm:dispatch", None)
         if mode is not None and self.cfg.gemm == "auto":
             self.gemm_mode = mode
+        casts = choices.pop("weight casts", None)
+        if casts is not None and not self.weight_casts_decided:
+            self.recast_weights &= casts == "recompute"
+            self.weight_casts_decided = True
         self.tuner.load_state_dict(choices)
 
 

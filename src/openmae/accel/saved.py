@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 
+from openmae import hardware
 from openmae.accel.kernels import LOW_PRECISIONS
 
 # Weights below this size are left alone: each rebuild costs a call (tens of microseconds in
@@ -114,9 +116,23 @@ def parameter_casts(saved: torch.Tensor) -> Recipe | None:
     return recipe_for_view(saved, param, functools.partial(_cast, dtype=saved.dtype))
 
 
-def rebuilds_weights_of(model: torch.nn.Module) -> bool:
-    """Whether `parameter_casts` would rebuild any of `model`'s weights (none: no hooks needed)."""
-    return any(p.requires_grad and p.numel() >= MIN_REBUILT_WEIGHT for p in model.parameters())
+def rebuilt_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights of `model` whose casts `parameter_casts` would rebuild (none: no hooks needed)."""
+    return [p for p in model.parameters() if p.requires_grad and p.numel() >= MIN_REBUILT_WEIGHT]
+
+
+def cast_seconds(weights: list[torch.nn.Parameter], dtype: torch.dtype) -> float:
+    """What casting `weights` to `dtype` once costs here (best of 3): what backward pays a step to
+    rebuild them."""
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(3):
+            start = time.perf_counter()
+            for weight in weights:
+                _cast(weight, dtype)
+            hardware.synchronize()
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _cast(param: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -262,9 +262,14 @@ class Autotuner:
 # The cache file: one section per machine fingerprint.
 
 
+# Bumped when the rules that turn timings into a choice change (handicaps, noise, candidates), so
+# that a cache file's choices made under older rules are measured again, whatever openmae's version.
+CHOICE_RULES = 2
+
+
 def machine_fingerprint() -> str:
     """What decides which implementation is fastest: the CPU and its flags, the threads, the GPU,
-    and the versions of torch and openmae."""
+    the versions of torch and openmae, and the rules of the choice (`CHOICE_RULES`)."""
     parts = [
         hardware.cpu_name(),
         ",".join(hardware.cpu_flags()),
@@ -272,6 +277,7 @@ def machine_fingerprint() -> str:
         torch.cuda.get_device_name() if hardware.cuda_available() else "no-cuda",
         f"torch={torch.__version__}",
         f"openmae={_version('openmae')}",
+        f"rules={CHOICE_RULES}",
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
