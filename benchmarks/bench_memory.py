@@ -80,7 +80,7 @@ def report(command: str, label: str, batch: int, precision: str, results: dict[s
         at = ", ".join(f"{r['live_peak_at']:.2f}" for r in runs)
         step = statistics.median(r["step_s"] for r in runs)
         chosen = dict.fromkeys(r["attention"] for r in runs)
-        lines.append(f"| `{engine}` | {rss} | {live} | {at} | {step:.2f} | {' / '.join(chosen)} |")
+        lines.append(f"| `{engine}` | {rss} | {live} | {at} | {step:.3g} | {' / '.join(chosen)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -82,6 +82,33 @@ def test_a_resumed_run_keeps_the_decision(monkeypatch):
     assert second.gemm_mode == "on" and second.state_dict() == first.state_dict()
 
 
+def test_a_second_run_on_the_machine_keeps_the_first_runs_decision(monkeypatch, tmp_path):
+    # The decision weighs two measured costs; where they are close, a fresh measurement could go
+    # the other way and the second run would compute differently. The cache file settles it.
+    cache = tmp_path / "autotune.json"
+    monkeypatch.setattr("openmae.accel.dispatch_overhead_s", lambda: 1e-6)
+    first = Acceleration(
+        AccelConfig(),
+        torch.device("cpu"),
+        "bf16",
+        tuner=Autotuner(cache, FixedTimer({"native": 8e-3, "fp32": 1e-3})),
+    )
+    run_steps(first, 2)
+    assert first.gemm_mode == "on" and any("dispatch on" in line for line in first.report())
+    monkeypatch.setattr("openmae.accel.dispatch_overhead_s", lambda: 1.0)  # would now say "off"
+    second = Acceleration(AccelConfig(), torch.device("cpu"), "bf16", tuner=Autotuner(cache, FixedTimer({})))
+    run_steps(second, 2)
+    assert second.gemm_mode == "on" and not any("dispatch" in line for line in second.report())
+    third = Acceleration(
+        AccelConfig(),
+        torch.device("cpu"),
+        "bf16",
+        tuner=Autotuner(None, FixedTimer({"native": 8e-3, "fp32": 1e-3})),
+    )
+    run_steps(third, 2)  # without the cache: measured again
+    assert third.gemm_mode == "off"
+
+
 def test_fp32_and_native_forced_need_no_decision(monkeypatch):
     forced = Acceleration(AccelConfig(gemm="fp32", cache=False), torch.device("cpu"), "bf16")
     run_steps(forced, 3)

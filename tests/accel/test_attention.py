@@ -132,6 +132,7 @@ def test_kernels_with_native_low_precision_products_are_scouted_on_part_of_the_b
     for name in scouted:
         assert runs[name].scale == scale  # an eighth of the images, at least one: 1 of 4, 3 of 20
         runs[name].scout()
+        runs[name].wider()  # twice the scout's images (2 of 4, 6 of 20)
 
 
 class SecondsTimer:

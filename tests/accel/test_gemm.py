@@ -205,6 +205,9 @@ def test_a_native_product_is_sized_up_on_a_slice_of_its_work(kind, shapes, scale
         runs = product.timing_runs()
     assert isinstance(runs["native"], Scouted) and runs["native"].scale == scale
     runs["native"].scout()  # the same product, forward and backward, on the slice
+    doubled, half_scale = product.scout_operands(operands, slices=2)
+    assert half_scale == pytest.approx(scale / 2) and doubled[0].shape[0] == 2 * sliced[0].shape[0]
+    runs["native"].wider()  # and on twice the slice, which tells fixed costs from the work's
     assert not isinstance(runs["fp32"], Scouted)
 
 

@@ -266,6 +266,34 @@ def test_a_short_cold_scout_that_would_rule_out_runs_again_warm(monkeypatch, sco
     assert calls["scout"] == scout_runs and calls.get("rival", 0) == full_runs
 
 
+@pytest.mark.parametrize(
+    ("wider_s", "full_runs", "estimate"),
+    [
+        # Twice the slice takes hardly longer: the scout's 4 ms are fixed costs (0.1 ms a slice,
+        # 4 + 19 x 0.1 = 5.9 ms for the whole): raced in full.
+        (0.0041, 4, None),
+        # Twice the slice takes twice as long: the work is slow, 80 ms in all: ruled out, unrun.
+        (0.008, 0, 0.08),
+    ],
+)
+def test_a_wider_scout_tells_fixed_costs_from_slow_work(monkeypatch, wider_s, full_runs, estimate):
+    monkeypatch.setattr(tuner_module, "_seconds", lambda run: run())
+    monkeypatch.setattr(tuner_module, "_first_runs_are_measurements", lambda: True)
+    calls: dict[str, int] = {}
+    # The scout (a 20th of the work, 4 ms) alone estimates 80 ms: 8x the plain path's 10 ms.
+    rival = Scouted(
+        paced(calls, "rival", [0.01]),
+        paced(calls, "scout", [0.004]),
+        scale=20,
+        wider=paced(calls, "wider", [wider_s]),
+    )
+    seconds = time_candidates({"plain": paced(calls, "plain", [0.01]), "rival": rival}, budget_s=0.0)
+    assert calls["scout"] == 2 and calls["wider"] == 2  # cold, then warm
+    assert calls.get("rival", 0) == full_runs
+    if estimate is not None:
+        assert seconds["rival"] == pytest.approx(estimate)
+
+
 class FakeClock:
     """`time.perf_counter` for the tuner, moved on by the runs a fake `_seconds` reports."""
 

@@ -246,18 +246,21 @@ class Acceleration:
             self.gemm.census = Census()
         elif self.steps == 2:
             census, self.gemm.census = self.gemm.census, None
-            saved = self.gemm.saving_per_step(census)
-            overhead = census.ops * dispatch_overhead_s()
-            if saved is None:  # choices restored without their timings: keep what they say
-                self.gemm_mode = "on" if "fp32" in self.gemm.chosen.values() else "off"
-                return
-            self.gemm_mode = "on" if saved > overhead else "off"
-            self.pending.append(
-                f"accel: bf16 GEMM dispatch {self.gemm_mode}: the measured paths save {1e3 * saved:.3g} ms "
-                f"a step, the mode costs {1e3 * overhead:.3g} ms ({census.ops} calls)"
+            self.gemm_mode = self.tuner.settle(
+                "bf16 gemm dispatch", census.key(), lambda: self.weigh_gemm_mode(census)
             )
-            if set(self.gemm.chosen.values()) == {"fp32"}:
-                self.pending.append(NO_FASTER_BF16_PRODUCTS)
+
+    def weigh_gemm_mode(self, census: Census) -> tuple[str, dict[str, float]]:
+        """The mode ("on" / "off") and, per step, what each costs: "off" the seconds the measured
+        paths would save, "on" the mode's dispatch (nothing when the choices were restored without
+        their timings: then the mode follows them)."""
+        saved = self.gemm.saving_per_step(census)
+        if saved is None:
+            return ("on" if "fp32" in self.gemm.chosen.values() else "off"), {}
+        if set(self.gemm.chosen.values()) == {"fp32"}:
+            self.pending.append(NO_FASTER_BF16_PRODUCTS)
+        overhead = census.ops * dispatch_overhead_s()
+        return ("on" if saved > overhead else "off"), {"off": saved, "on": overhead}
 
     def decide_weight_casts(self) -> None:
         """Under `weight_casts=auto`: time the third step, and keep rebuilding the weight casts in
@@ -291,6 +294,12 @@ class Acceleration:
             f"accel: attention {m.key}: {m.choice} ({_ranking(m.seconds)}){_handicapped(m)}"
             for m in measured
             if m.kind == "attention"
+        ]
+        lines += [
+            f"accel: bf16 GEMM dispatch {m.choice}: the measured paths save {1e3 * m.seconds['off']:.3g} ms "
+            f"a step, the mode costs {1e3 * m.seconds['on']:.3g} ms ({m.key})"
+            for m in measured
+            if m.kind == "bf16 gemm dispatch" and m.seconds
         ]
         gemms = [m for m in measured if m.kind == "bf16 gemm"]
         if gemms:

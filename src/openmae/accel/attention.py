@@ -129,6 +129,7 @@ def timing_runs(names: list[str], like: torch.Tensor, grad: bool) -> Candidates:
 
         if not scouted:
             return full
-        return Scouted(full, lambda: run(kernel, scout_batch), qkv.shape[0] / scout_batch)
+        wider = (lambda: run(kernel, 2 * scout_batch)) if 2 * scout_batch < qkv.shape[0] else None
+        return Scouted(full, lambda: run(kernel, scout_batch), qkv.shape[0] / scout_batch, wider)
 
     return {name: candidate(KERNELS[name], scouts and name in NATIVE_LOWP_PRODUCTS) for name in names}

@@ -21,6 +21,7 @@ sees the same graph of casts and products as with native products.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import time
@@ -103,6 +104,13 @@ class Census:
     ops: int = 0
     calls: dict[tuple, int] = field(default_factory=dict)
 
+    def key(self) -> str:
+        """What identifies the step for the tuner: its calls and product shapes, hashed."""
+        shapes = repr(sorted(self.calls.items(), key=repr))
+        return (
+            f"{len(self.calls)} shapes, {self.ops} calls, {hashlib.sha256(shapes.encode()).hexdigest()[:12]}"
+        )
+
 
 def dispatch_overhead_s(samples: int = 400) -> float:
     """Seconds a call costs more when it passes through a Python function mode, measured here."""
@@ -177,13 +185,17 @@ class Product:
             run(native, like)
 
         sliced, scale = self.scout_operands(like)
-        scouted = Scouted(native_run, lambda: run(native, sliced), scale) if scale >= 2 else native_run
+        doubled, half_scale = self.scout_operands(like, slices=2)
+        wider = (lambda: run(native, doubled)) if half_scale >= 2 else None
+        scouted = Scouted(native_run, lambda: run(native, sliced), scale, wider) if scale >= 2 else native_run
         return {"native": scouted, "fp32": lambda: run(widened, like)}
 
-    def scout_operands(self, like: list[torch.Tensor | None]) -> tuple[list[torch.Tensor | None], float]:
-        """`like` cut to about 1/`SCOUT_SHARE` of the product's work (the leading rows of a linear's
-        or a matrix product's first operand, or the leading batch entries of stacked products and
-        convolutions), and the work's multiple of the cut's (1 when there is nothing to cut)."""
+    def scout_operands(
+        self, like: list[torch.Tensor | None], slices: int = 1
+    ) -> tuple[list[torch.Tensor | None], float]:
+        """`like` cut to about `slices`/`SCOUT_SHARE` of the product's work (the leading rows of a
+        linear's or a matrix product's first operand, or the leading batch entries of stacked products
+        and convolutions), and the work's multiple of the cut's (1 when there is nothing to cut)."""
         first, *rest = like
         if self.kind == "linear":
             first = first.reshape(-1, first.shape[-1])  # [M, K]
@@ -191,7 +203,8 @@ class Product:
         size = first.shape[0]
         keep = math.ceil(size / SCOUT_SHARE)
         if not stacked:
-            keep = min(size, max(SCOUT_ROWS, keep))
+            keep = max(SCOUT_ROWS, keep)
+        keep = min(size, slices * keep)
         if keep == 0:  # an empty product (e.g. a decoder tail with no hidden patch)
             return like, 1.0
         cut = [_leading(first, keep)]

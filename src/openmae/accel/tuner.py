@@ -61,13 +61,15 @@ SCOUT_MARGIN = 2.0
 @dataclass(frozen=True)
 class Scouted:
     """A candidate that can be sized up on a slice of its work first: `scout` runs `1 / scale` of it
-    (e.g. a matrix product on a 256th of its rows). On a CPU, a candidate whose scout estimates it far
-    slower than the others' full runs is never run in full (a native bf16 product of ViT-B's decoder
-    MLP takes ~8 s forward and backward on a CPU without bf16 units; its scout ~0.1 s)."""
+    (e.g. a matrix product on a 256th of its rows), `wider`, where given, twice that slice. On a CPU,
+    a candidate whose scouts estimate it far slower than the others' full runs is never run in full
+    (a native bf16 product of ViT-B's decoder MLP takes ~8 s forward and backward on a CPU without
+    bf16 units; its scout ~0.1 s)."""
 
     run: Callable[[], object]
     scout: Callable[[], object]
     scale: float
+    wider: Callable[[], object] | None = None
 
     def __call__(self) -> object:
         return self.run()
@@ -134,11 +136,32 @@ def _scout_estimate(candidate: Scouted, keys_timed: Callable[[], int], shortest:
     """The scout's seconds scaled up to its candidate's work. A scout's first run is cold: its
     first-call costs (new kernels, allocations; 20 ms and more for a first attention call) get
     scaled up too. So a cold run shorter than `TRUSTED_FIRST_RUN_S` whose estimate would rule the
-    candidate out is run again, and the faster run counts."""
-    seconds, warm = _own_seconds(candidate.scout, keys_timed)
-    if not warm and seconds < TRUSTED_FIRST_RUN_S and _rules_out(candidate.scale * seconds, shortest):
-        seconds = min(seconds, _seconds(candidate.scout))
-    return candidate.scale * seconds
+    candidate out is run again, and the faster run counts.
+
+    A warm run has fixed costs too, which do not grow with the work (autograd, dispatch, a kernel's
+    setup: ~0.5 ms for a product forward and backward). Scaled up with the work they can make a fast
+    candidate look hopeless: on an AVX512-BF16 CPU the 33-row scout of a native bf16 product of 8320
+    rows estimated 174 ms for a ~10 ms run. So an estimate that would rule the candidate out is
+    checked with the `wider` scout, where there is one: what the work adds from one slice to two is
+    what each further slice costs, and the estimate is the scout plus that for the rest of the work."""
+    seconds = _scout_seconds(candidate.scout, keys_timed, lambda s: _rules_out(candidate.scale * s, shortest))
+    estimate = candidate.scale * seconds
+    if candidate.wider is None or not _rules_out(estimate, shortest):
+        return estimate
+    wider = _scout_seconds(candidate.wider, keys_timed, lambda s: True)
+    per_slice = max(wider - seconds, 0.0)
+    return min(estimate, seconds + per_slice * (candidate.scale - 1))
+
+
+def _scout_seconds(
+    scout: Callable[[], object], keys_timed: Callable[[], int], run_again: Callable[[float], bool]
+) -> float:
+    """A scout's seconds: its first run, and where that was short and cold and `run_again` says
+    its seconds matter, the faster of it and a warm run."""
+    seconds, warm = _own_seconds(scout, keys_timed)
+    if not warm and seconds < TRUSTED_FIRST_RUN_S and run_again(seconds):
+        seconds = min(seconds, _seconds(scout))
+    return seconds
 
 
 def _beaten(name: str, best: dict[str, float], timed_runs: dict[str, int], fastest: float) -> bool:
@@ -224,16 +247,27 @@ class Autotuner:
 
         `handicaps` adds a share of its seconds to a candidate's before they are compared: what the
         caller gives up in time to avoid it (e.g. 0.25: chosen only when a quarter faster)."""
+
+        def measure() -> tuple[str, dict[str, float]]:
+            built = candidates()
+            if len(built) > 1:
+                seconds = self.timer(built, lambda: self.measurements)
+            else:
+                seconds = dict.fromkeys(built, 0.0)
+            return _fastest(list(built), seconds, handicaps or {}), seconds
+
+        return self.settle(kind, key, measure)
+
+    def settle(self, kind: str, key: str, decide: Callable[[], tuple[str, dict[str, float]]]) -> str:
+        """The choice for `key`: the one remembered (in memory, or in the cache file), or else
+        `decide`'s, which returns it with what each option costs, and which is remembered from then on.
+        A decision the caller reaches by its own measurement (not by timing candidates) is thus made
+        once per machine as well, and a second run computes as the first did."""
         entry = f"{kind}:{key}"
         found = self.choices.get(entry)
         if found is not None:
             return found
-        built = candidates()
-        if len(built) > 1:
-            seconds = self.timer(built, lambda: self.measurements)
-        else:
-            seconds = dict.fromkeys(built, 0.0)
-        choice = _fastest(list(built), seconds, handicaps or {})
+        choice, seconds = decide()
         self.choices[entry], self.seconds[entry] = choice, seconds
         self.measurements += 1
         self.measured.append(Measurement(kind, key, choice, seconds))
@@ -262,9 +296,9 @@ class Autotuner:
 # The cache file: one section per machine fingerprint.
 
 
-# Bumped when the rules that turn timings into a choice change (handicaps, noise, candidates), so
-# that a cache file's choices made under older rules are measured again, whatever openmae's version.
-CHOICE_RULES = 2
+# Bumped when the rules that turn timings into a choice change (handicaps, noise, candidates, scouts),
+# so that a cache file's choices made under older rules are measured again, whatever openmae's version.
+CHOICE_RULES = 3
 
 
 def machine_fingerprint() -> str:
