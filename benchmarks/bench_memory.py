@@ -57,7 +57,9 @@ def measure(engine: str, model: str, batch: int, precision: str, steps: int, thr
 def attention_choices(paths: dict[str, str]) -> str:
     """The attention kernels the engine's tuner chose, per shape: `[B, N, 3, heads, head_dim] kernel`."""
     chosen = [(key, name) for key, name in paths.items() if key.startswith("attention:")]
-    return "; ".join(f"[{key.split('[', 1)[1].split(']')[0]}] {name}" for key, name in chosen) or "-"
+    shapes = [key.split("[", 1)[1].split("]")[0] for key, _ in chosen]
+    kernels = [name.split(" (")[0] for _, name in chosen]  # without the candidates' timings
+    return "; ".join(f"[{shape}] {kernel}" for shape, kernel in zip(shapes, kernels, strict=True)) or "-"
 
 
 def report(command: str, label: str, batch: int, precision: str, results: dict[str, list[dict]]) -> str:

@@ -15,7 +15,7 @@ class FixedTimer:
     def __init__(self, seconds: dict[str, float]) -> None:
         self.seconds = seconds
 
-    def __call__(self, candidates, keys_timed=None):
+    def __call__(self, candidates, keys_timed=None, handicaps=None):
         return {name: self.seconds[name] for name in candidates}
 
 

@@ -19,7 +19,7 @@ class FavourTimer:
         self.fastest = fastest
         self.seen: list[list[str]] = []
 
-    def __call__(self, candidates, keys_timed=None):
+    def __call__(self, candidates, keys_timed=None, handicaps=None):
         self.seen.append(sorted(candidates))
         for run in candidates.values():
             run()  # the candidates must run on the shapes they are timed for
@@ -141,7 +141,7 @@ class SecondsTimer:
     def __init__(self, seconds: dict[str, float]) -> None:
         self.seconds = seconds
 
-    def __call__(self, candidates, keys_timed=None):
+    def __call__(self, candidates, keys_timed=None, handicaps=None):
         return {name: self.seconds.get(name, 10.0) for name in candidates}
 
 

@@ -19,7 +19,7 @@ class FavourTimer:
     def __init__(self, fastest: str) -> None:
         self.fastest, self.keys = fastest, []
 
-    def __call__(self, candidates, keys_timed=None):
+    def __call__(self, candidates, keys_timed=None, handicaps=None):
         self.keys.append(sorted(candidates))
         for run in candidates.values():
             run()

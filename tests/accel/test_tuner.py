@@ -18,7 +18,7 @@ class FakeTimer:
         self.seconds = seconds
         self.calls = 0
 
-    def __call__(self, candidates, keys_timed=None):
+    def __call__(self, candidates, keys_timed=None, handicaps=None):
         self.calls += 1
         return {name: self.seconds[name] for name in candidates}
 
@@ -204,6 +204,23 @@ def test_a_clearly_slower_candidate_leaves_after_two_timed_runs(monkeypatch, riv
     # 1.5x slower: out after its 2nd timed run (1 untimed + 2), which leaves "plain" alone: the end.
     # 1.1x: within reach, both get a 3rd timed run.
     assert calls == {"plain": runs, "rival": runs}
+
+
+@pytest.mark.parametrize(("handicap", "plain_runs"), [(0.0, 3), (0.25, 4)])
+def test_the_rounds_weigh_a_handicapped_candidate_as_the_choice_does(monkeypatch, handicap, plain_runs):
+    monkeypatch.setattr(tuner_module, "_seconds", lambda run: run())
+    monkeypatch.setattr(tuner_module, "_first_runs_are_measurements", lambda: False)
+    calls: dict[str, int] = {}
+    # "plain" is disturbed in its first two timed runs (1.3x), then runs at its speed, 10 ms.
+    candidates = {
+        "plain": paced(calls, "plain", [0.01, 0.013, 0.013, 0.01]),
+        "keeper": paced(calls, "keeper", [0.01]),
+    }
+    seconds = time_candidates(candidates, handicaps={"keeper": handicap}, budget_s=0.0)
+    # Unweighed, "plain" leaves after two runs 1.3x slower, and its best stays 13 ms; weighed
+    # (keeper 12.5 ms), it races on, and its third timed run shows its speed.
+    assert calls["plain"] == plain_runs
+    assert seconds["plain"] == (0.01 if handicap else 0.013)
 
 
 def test_a_candidate_is_not_ruled_out_by_one_slow_timed_run(monkeypatch):

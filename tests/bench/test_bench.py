@@ -152,6 +152,10 @@ def test_bench_runs_end_to_end(tmp_path, bf16_units):
     assert machine["cpu_native_bf16"] is bf16_units  # the header says what the CPU has
     ours = [r for r in steps if r["engine"] == "openmae"]
     assert all(r["paths"] for r in ours)  # ...and which paths the loop measured and chose
+    attention = [
+        chosen for r in ours for entry, chosen in r["paths"].items() if entry.startswith("attention:")
+    ]
+    assert attention and all(" ms" in chosen.partition(" (")[2] for chosen in attention)  # with timings
     assert all("GELU recomputed" in r["paths"]["mlp"] for r in ours)
     assert not any("mlp" in r["paths"] for r in steps if r["engine"].startswith("hf_"))
     for r in steps:

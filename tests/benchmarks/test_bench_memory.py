@@ -35,7 +35,7 @@ def test_the_memory_benchmark_names_the_attention_kernels_the_tuner_chose():
     paths = {
         "attention:cpu float32 [8, 50, 3, 12, 64] fwd+bwd": "per_head",
         "bf16 gemm:linear ((8, 50, 768), True)": "fp32",
-        "attention:cpu float32 [8, 197, 3, 16, 32] fwd+bwd": "sdpa",
+        "attention:cpu float32 [8, 197, 3, 16, 32] fwd+bwd": "sdpa (sdpa 23.7 ms, per_head 24.3 ms)",
     }
     assert bench.attention_choices(paths) == "[8, 50, 3, 12, 64] per_head; [8, 197, 3, 16, 32] sdpa"
     assert bench.attention_choices({"cpu allocator": "system"}) == "-"

@@ -291,7 +291,7 @@ class Acceleration:
         measured = self.tuner.take_measured()
         lines, self.pending = self.pending, []
         lines += [
-            f"accel: attention {m.key}: {m.choice} ({_ranking(m.seconds)}){_handicapped(m)}"
+            f"accel: attention {m.key}: {m.choice} ({ranking(m.seconds)}){_handicapped(m)}"
             for m in measured
             if m.kind == "attention"
         ]
@@ -345,7 +345,8 @@ def _handicapped(measurement: Measurement) -> str:
     )
 
 
-def _ranking(seconds: dict[str, float]) -> str:
+def ranking(seconds: dict[str, float]) -> str:
+    """Candidates from the fastest, with their milliseconds per run."""
     return ", ".join(
         f"{name} {1e3 * s:.3g} ms" for name, s in sorted(seconds.items(), key=lambda item: item[1])
     )

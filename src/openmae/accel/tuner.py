@@ -26,8 +26,9 @@ from openmae import hardware
 Candidates = dict[str, Callable[[], object]]  # name -> runs the work once (or a `Scouted`)
 # Timers get the candidates and a count of the keys timed so far (`Autotuner.measurements`): a run
 # that raises it timed another key inside (a choice nested in it, e.g. the products inside an
-# attention kernel), so its seconds are not its own. They return seconds per run, per name.
-Timer = Callable[[Candidates, Callable[[], int]], dict[str, float]]
+# attention kernel), so its seconds are not its own, and the choice's handicaps (which the rounds
+# weigh as the choice will). They return seconds per run, per name.
+Timer = Callable[[Candidates, Callable[[], int], dict[str, float]], dict[str, float]]
 
 # Timing budget per key, first runs and scouts included: rounds past the timed runs a candidate needs
 # (below) run only while it lasts; those timed runs are made whatever they cost.
@@ -76,7 +77,10 @@ class Scouted:
 
 
 def time_candidates(
-    candidates: Candidates, keys_timed: Callable[[], int] = lambda: 0, budget_s: float = BUDGET_S
+    candidates: Candidates,
+    keys_timed: Callable[[], int] = lambda: 0,
+    handicaps: dict[str, float] | None = None,
+    budget_s: float = BUDGET_S,
 ) -> dict[str, float]:
     """Best seconds per run of each candidate: one untimed run each, then rounds that run every
     candidate once (so drift in the machine's speed is shared) until each has `TIMED_RUNS` timed
@@ -89,7 +93,12 @@ def time_candidates(
     as a timed run, and one `HOPELESS` times the shortest first run is not run again; a `Scouted`
     candidate is sized up by its scout after the others' first runs, and an estimate `SCOUT_MARGIN`
     times beyond hopeless stands for its runs. A first run that timed other keys inside
-    (`keys_timed` rose) is run again, and that second run is a timed one."""
+    (`keys_timed` rose) is run again, and that second run is a timed one.
+
+    In the rounds a candidate's seconds are weighed with its handicap, as the choice weighs them:
+    otherwise noise could put the plain candidate `CLEARLY_SLOWER` than a handicapped one after two
+    runs, end its rounds, and hand the choice to the handicapped one (measured: base fp32's decoder
+    attention took `per_head` in 2 of 4 processes, while it runs at SDPA's speed)."""
     started = time.perf_counter()
     trusted = _first_runs_are_measurements()
     best = dict.fromkeys(candidates, float("inf"))
@@ -117,8 +126,11 @@ def time_candidates(
         for name, run in racing.items():
             best[name] = min(best[name], _seconds(run))
             timed_runs[name] += 1
-        fastest = min(best.values())
-        racing = {name: run for name, run in racing.items() if not _beaten(name, best, timed_runs, fastest)}
+        weighed = {name: seconds * (1 + (handicaps or {}).get(name, 0.0)) for name, seconds in best.items()}
+        fastest = min(weighed.values())
+        racing = {
+            name: run for name, run in racing.items() if not _beaten(name, weighed, timed_runs, fastest)
+        }
         if len(racing) == 1:  # the rest are out: more runs of the leader cannot change the choice
             break
         timed_enough = all(timed_runs[name] >= _timed_runs_needed(best[name]) for name in racing)
@@ -251,7 +263,7 @@ class Autotuner:
         def measure() -> tuple[str, dict[str, float]]:
             built = candidates()
             if len(built) > 1:
-                seconds = self.timer(built, lambda: self.measurements)
+                seconds = self.timer(built, lambda: self.measurements, handicaps or {})
             else:
                 seconds = dict.fromkeys(built, 0.0)
             return _fastest(list(built), seconds, handicaps or {}), seconds
@@ -298,7 +310,7 @@ class Autotuner:
 
 # Bumped when the rules that turn timings into a choice change (handicaps, noise, candidates, scouts),
 # so that a cache file's choices made under older rules are measured again, whatever openmae's version.
-CHOICE_RULES = 3
+CHOICE_RULES = 4
 
 
 def machine_fingerprint() -> str:

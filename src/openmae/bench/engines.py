@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from openmae.accel import AccelConfig, allocator
+from openmae.accel import AccelConfig, allocator, ranking
 from openmae.accel.mlp import RecomputingMlp
 from openmae.distributed import DistInfo
 from openmae.engine.loop import Schedule, TrainConfig, Trainer
@@ -237,8 +237,14 @@ class BenchEngine:
         return loss
 
     def paths(self) -> dict[str, str]:
-        """The execution paths the engine's loop chose (autotuner choices, MLPs, the C allocator)."""
-        paths = self.trainer.accel.state_dict()
+        """The execution paths the engine's loop chose (autotuner choices, MLPs, the C allocator);
+        an attention kernel with what each candidate measured."""
+        accel = self.trainer.accel
+        paths = accel.state_dict()
+        for entry, choice in paths.items():
+            seconds = accel.tuner.seconds.get(entry)
+            if entry.startswith("attention:") and seconds:
+                paths[entry] = f"{choice} ({ranking(seconds)})"
         recomputing = sum(isinstance(m, RecomputingMlp) for m in self.model.modules())
         if recomputing:
             paths["mlp"] = f"GELU recomputed in backward ({recomputing} MLPs)"
