@@ -15,6 +15,7 @@ import openmae.accel.saved as saved
 from openmae.accel import AccelConfig, Acceleration
 from openmae.accel.mlp import recompute_mlps
 from openmae.accel.saved import Recipe, cast_seconds, parameter_casts, recipes
+from openmae.accel.tuner import Autotuner
 from openmae.engine.precision import autocast
 from openmae.models import create_model
 
@@ -197,6 +198,31 @@ def test_auto_weight_casts_keep_rebuilding_only_while_it_costs_at_most_a_percent
     for _ in range(3):
         resumed.after_step()
     assert resumed.recast_weights is rebuilt and len(measured) == 1
+
+
+def test_a_later_run_on_the_machine_takes_the_weight_cast_decision_from_the_cache(monkeypatch, tmp_path):
+    # Near the 1% line the decision could go either way from one run to the next; the first run's
+    # stands for the same weights and batch, taken after the first step without measuring.
+    monkeypatch.setattr(accel_module, "time", SteppingClock(1.0))
+    measured = []
+    monkeypatch.setattr(accel_module, "cast_seconds", lambda weights, dtype: measured.append(dtype) or 0.02)
+    cache = tmp_path / "autotune.json"
+
+    def run(batch: int, steps: int) -> Acceleration:
+        accel = Acceleration(AccelConfig(allocator="system", gemm="native"), "cpu", "bf16", Autotuner(cache))
+        model = nn.Linear(512, 512)
+        accel.install(model)
+        model(torch.zeros(batch, 512))  # the first forward: the batch the decision is for
+        for _ in range(steps):
+            accel.after_step()
+        return accel
+
+    assert not run(4, 3).recast_weights and len(measured) == 1  # 2% of a step: kept
+    again = run(4, 1)
+    assert not again.recast_weights and again.weight_casts_decided and len(measured) == 1
+    assert again.report() == []  # nothing measured, nothing to say
+    other_batch = run(8, 3)
+    assert len(measured) == 2 and not other_batch.recast_weights  # measured for its own batch
 
 
 def test_auto_weight_casts_measure_nothing_where_nothing_is_rebuilt(monkeypatch):

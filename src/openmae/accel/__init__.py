@@ -168,6 +168,7 @@ class Acceleration:
         self.recast_weights = cfg.weight_casts != "keep" and self.cast_dtype is not None
         self.weight_casts_decided = cfg.weight_casts != "auto"  # auto: measured on the third step
         self.rebuilt: list[nn.Parameter] = []  # the weights whose casts backward would rebuild
+        self.batch_layout: tuple[int, ...] | None = None  # the first forward's input, for the decision
         self.warm_step_started = 0.0
         self.recompute_norms = cfg.norm == "recompute"
         self.steps = 0
@@ -185,6 +186,8 @@ class Acceleration:
         # Without a weight large enough to rebuild, the hooks would only cost their calls.
         self.rebuilt = rebuilt_weights(model)
         self.recast_weights &= bool(self.rebuilt)
+        if self.recast_weights and not self.weight_casts_decided:
+            hook = model.register_forward_pre_hook(lambda module, args: self.note_batch(args, hook))
         layers = [m for m in model.modules() if isinstance(m, Attention)]
         for layer in layers:
             layer.kernel = self.attention
@@ -262,28 +265,48 @@ class Acceleration:
         overhead = census.ops * dispatch_overhead_s()
         return ("on" if saved > overhead else "off"), {"off": saved, "on": overhead}
 
+    def note_batch(self, args: tuple, hook: torch.utils.hooks.RemovableHandle) -> None:
+        """The layout of the first forward's input (a forward pre-hook, removed after one call)."""
+        hook.remove()
+        if args and isinstance(args[0], torch.Tensor):
+            self.batch_layout = tuple(args[0].shape)
+
     def decide_weight_casts(self) -> None:
         """Under `weight_casts=auto`: time the third step, and keep rebuilding the weight casts in
         backward only if casting the weights once costs at most `RECAST_STEP_SHARE` of it. The two
-        waits for the device here are the only ones of the run."""
-        if self.weight_casts_decided or not self.recast_weights:
+        waits for the device here are the only ones of the run. The decision is remembered for the
+        weights and the batch (the tuner's cache file), so that a later run on the machine takes it
+        after its first step without measuring: near the line it could go either way."""
+        if self.weight_casts_decided or not (self.recast_weights and self.rebuilt):
             return
-        if self.steps == 2:
+        elements = sum(w.numel() for w in self.rebuilt)
+        key = f"{len(self.rebuilt)} weights, {elements} elements, batch {self.batch_layout}"
+        if self.steps == 1:
+            remembered = self.tuner.remembered("weight casts", key)
+            if remembered is not None:
+                self.recast_weights, self.weight_casts_decided = remembered == "recompute", True
+        elif self.steps == 2:
             hardware.synchronize()
             self.warm_step_started = time.perf_counter()
         elif self.steps == 3:
             hardware.synchronize()
             step_s = time.perf_counter() - self.warm_step_started
-            cast_s = cast_seconds(self.rebuilt, self.cast_dtype)
-            self.recast_weights = cast_s <= RECAST_STEP_SHARE * step_s
-            self.weight_casts_decided = True
-            verdict = "rebuilt in backward" if self.recast_weights else "kept for backward"
-            self.pending.append(
-                f"accel: weight casts {verdict}: "
-                f"casting the {len(self.rebuilt)} large weights again costs {1e3 * cast_s:.3g} ms, "
-                f"{cast_s / step_s:.1%} of a {1e3 * step_s:.4g} ms step (auto rebuilds them up to "
-                f"{RECAST_STEP_SHARE:.0%})"
-            )
+            choice = self.tuner.settle("weight casts", key, lambda: self.weigh_weight_casts(step_s))
+            self.recast_weights, self.weight_casts_decided = choice == "recompute", True
+
+    def weigh_weight_casts(self, step_s: float) -> tuple[str, dict[str, float]]:
+        """Rebuild ("recompute") or "keep" the weight casts, by what casting the weights once costs
+        against a step of `step_s` seconds."""
+        cast_s = cast_seconds(self.rebuilt, self.cast_dtype)
+        rebuilt = cast_s <= RECAST_STEP_SHARE * step_s
+        verdict = "rebuilt in backward" if rebuilt else "kept for backward"
+        self.pending.append(
+            f"accel: weight casts {verdict}: "
+            f"casting the {len(self.rebuilt)} large weights again costs {1e3 * cast_s:.3g} ms, "
+            f"{cast_s / step_s:.1%} of a {1e3 * step_s:.4g} ms step (auto rebuilds them up to "
+            f"{RECAST_STEP_SHARE:.0%})"
+        )
+        return ("recompute" if rebuilt else "keep"), {"step": step_s, "casts": cast_s}
 
     def report(self) -> list[str]:
         """Lines on the choices measured since the last report: one per attention shape, one for

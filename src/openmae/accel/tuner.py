@@ -275,10 +275,10 @@ class Autotuner:
         `decide`'s, which returns it with what each option costs, and which is remembered from then on.
         A decision the caller reaches by its own measurement (not by timing candidates) is thus made
         once per machine as well, and a second run computes as the first did."""
-        entry = f"{kind}:{key}"
-        found = self.choices.get(entry)
+        found = self.remembered(kind, key)
         if found is not None:
             return found
+        entry = f"{kind}:{key}"
         choice, seconds = decide()
         self.choices[entry], self.seconds[entry] = choice, seconds
         self.measurements += 1
@@ -286,6 +286,10 @@ class Autotuner:
         if self.cache_file is not None:
             _write_cache(self.cache_file, {entry: {"choice": choice, "seconds": seconds}})
         return choice
+
+    def remembered(self, kind: str, key: str) -> str | None:
+        """The choice for `key` made before (in this run, a run resumed, or the cache file), if any."""
+        return self.choices.get(f"{kind}:{key}")
 
     def seconds_of(self, kind: str, key: str) -> dict[str, float]:
         """What each candidate cost per run when `key` was measured (empty when it was restored)."""
