@@ -10,6 +10,17 @@ from openmae import hardware
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_tuner_cache(tmp_path_factory):
+    """The runs the tests start keep their measured choices in a folder of this session, not in the
+    user's `~/.cache/openmae` (whose choices, made for real models, would then skip measurements the
+    tests expect, and which the tests' toy shapes would fill)."""
+    folder = tmp_path_factory.mktemp("openmae-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OPENMAE_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(params=[True, False], ids=["bf16-units", "no-bf16-units"])
 def bf16_units(request, monkeypatch) -> bool:
     """Run the test twice: as on a CPU with bf16 matrix units (AVX512-BF16 / AMX) and as on one
