@@ -25,7 +25,7 @@ from torch import nn
 from openmae import hardware
 from openmae.accel.allocator import ALLOCATOR_CHOICES, retain_freed_memory
 from openmae.accel.attention import ATTENTION_PATHS, KEEPING_PROBABILITIES_HANDICAP, TunedAttention
-from openmae.accel.gemm import GEMM_PATHS, Bf16Gemm, Census, dispatch_overhead_s
+from openmae.accel.gemm import GEMM_PATHS, Bf16Gemm, Census, dispatch_overhead_s, release_fp32_workspace
 from openmae.accel.mlp import MLP_CHOICES, recompute_mlps
 from openmae.accel.norms import NORM_CHOICES, norm_outputs, note_norm_inputs
 from openmae.accel.residual import RESIDUAL_CHOICES, lowp_residual
@@ -252,6 +252,8 @@ class Acceleration:
             self.gemm_mode = self.tuner.settle(
                 "bf16 gemm dispatch", census.key(), lambda: self.weigh_gemm_mode(census)
             )
+            if self.gemm_mode == "off":
+                release_fp32_workspace()
 
     def weigh_gemm_mode(self, census: Census) -> tuple[str, dict[str, float]]:
         """The mode ("on" / "off") and, per step, what each costs: "off" the seconds the measured

